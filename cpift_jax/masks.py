@@ -1,0 +1,365 @@
+"""Core masks: element-wise bool pytrees marking each task's most-updated parameters.
+
+A task's *core region* (CPI-FT, arXiv 2508.21741, Sec. 3.2) is the top ``p`` fraction of
+individual scalar parameters by update magnitude ``|theta_task - theta_base|``, ranked once over
+the whole model (``scope="global"``; the paper uses p = 1%) or, as an option, within each leaf.
+This module builds those masks (``core_mask``), checks them against parameters (``check_mask``),
+measures their overlap (``jaccard``, ``overlap_matrix``) and density (``density``,
+``density_by``, ``density_by_group``), and stores them bit-packed (``pack``, ``unpack``).
+
+Thresholds come from ``cpift_jax.select.threshold`` (exact k-th largest by counting passes);
+it is re-exported here as ``masks.threshold``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Hashable, Sequence
+from fractions import Fraction
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from cpift_jax import tree as tree_lib
+from cpift_jax.select import count_above_and_equal, threshold
+
+Pytree = Any
+
+__all__ = [
+    "SCOPES",
+    "threshold",
+    "core_mask",
+    "core_count",
+    "check_mask",
+    "jaccard",
+    "overlap_matrix",
+    "density",
+    "density_by",
+    "density_by_group",
+    "layer_index",
+    "pack",
+    "unpack",
+]
+
+SCOPES = ("global", "leaf")
+_INF_BITS = 0x7F800000
+
+
+# ------------------------------------------------------------------------------------ building
+
+
+def core_count(fraction: float, size: int) -> int:
+    """``floor(fraction * size)``, reading ``fraction`` as the decimal it prints as.
+
+    ``Fraction(repr(0.29)) * 100 = 29`` exactly, where ``0.29 * 100`` is 28.999999999999996.
+    """
+    return math.floor(Fraction(repr(float(fraction))) * size)
+
+
+def _patterns(arg: str, value) -> list[re.Pattern]:
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else list(value)
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"core_mask: {arg} must be a regex or a list of regexes, got {item!r}")
+        try:
+            out.append(re.compile(item))
+        except re.error as err:
+            raise ValueError(f"core_mask: invalid {arg} regex {item!r}: {err}") from None
+    return out
+
+
+def _eligible(paths: list[str], include, exclude) -> list[bool]:
+    """Leaves that may hold core entries: some include pattern found, no exclude pattern found."""
+    inc, exc = _patterns("include", include), _patterns("exclude", exclude)
+    flags = [
+        (not inc or any(p.search(path) for p in inc)) and not any(p.search(path) for p in exc)
+        for path in paths
+    ]
+    if not any(flags):
+        raise ValueError(
+            f"core_mask: include={include!r} / exclude={exclude!r} leave no eligible leaf "
+            f"(leaf paths: {paths[:6]}{'...' if len(paths) > 6 else ''})"
+        )
+    return flags
+
+
+@jax.jit
+def _abs_delta(base: jax.Array, tuned: jax.Array) -> jax.Array:
+    return jnp.abs(tuned.astype(jnp.float32) - base.astype(jnp.float32))
+
+
+def _check_finite(paths: list[str], deltas: list[jax.Array]) -> None:
+    """Eager only: a non-finite |delta| has a float32 bit pattern >= that of +inf."""
+    for path, d in zip(paths, deltas):
+        if isinstance(d, jax.core.Tracer) or d.size == 0:
+            continue
+        if np.asarray(d).view(np.uint32).max() >= _INF_BITS:
+            raise ValueError(f"core_mask: leaf '{path}': |tuned - base| has NaN or Inf entries")
+
+
+def _take_ties(d: jax.Array, v: jax.Array, n_ties, allowed) -> jax.Array:
+    """``d > v`` plus the first ``allowed`` entries equal to ``v`` in row-major order."""
+    above, tied = d > v, d == v
+
+    def partial():  # only the one leaf where the tie cut falls pays for a cumsum
+        rank = jnp.cumsum(tied.reshape(-1), dtype=jnp.int32).reshape(d.shape)
+        return above | (tied & (rank <= allowed))
+
+    def whole():
+        return above | (tied & (allowed > 0))
+
+    return lax.cond((allowed > 0) & (allowed < n_ties), partial, whole)
+
+
+@jax.jit
+def _select(deltas: list[jax.Array], v: jax.Array, k: jax.Array) -> list[jax.Array]:
+    """Exactly k entries: all above v, then ties at v earliest first (leaf order, row-major)."""
+    counts = [count_above_and_equal(d, v) for d in deltas]
+    need = k - sum(n_above for n_above, _ in counts)  # ties still to take
+    out, before = [], jnp.zeros((), jnp.int32)
+    for d, (_, n_ties) in zip(deltas, counts):
+        allowed = jnp.clip(need - before, 0, n_ties)
+        out.append(_take_ties(d, v, n_ties, allowed))
+        before = before + n_ties
+    return out
+
+
+def _top_k(deltas: list[jax.Array], k: int) -> list[jax.Array]:
+    if k == 0:
+        return [jnp.zeros(d.shape, bool) for d in deltas]
+    return _select(deltas, threshold(deltas, k), jnp.int32(k))
+
+
+def core_mask(
+    base: Pytree,
+    tuned: Pytree,
+    fraction: float,
+    scope: str = "global",
+    *,
+    include=None,
+    exclude=None,
+) -> Pytree:
+    """True on the ``floor(fraction * D)`` entries with the largest ``|tuned - base|``.
+
+    ``scope="global"`` ranks all D eligible scalars together (the paper's rule);
+    ``scope="leaf"`` ranks within each eligible leaf (D = the leaf's size). Deltas are taken in
+    float32 whatever the parameter dtype.
+
+    Tie rule: exactly ``floor(fraction * D)`` entries are selected (0 gives an all-False mask,
+    no error). Entries strictly above the threshold are all in; among entries equal to it the
+    earliest in flatten order (jax.tree_util leaf order, then row-major index) are taken.
+
+    Args:
+      base, tuned: pytrees (dict, nnx.State, ...) of float arrays with identical structure,
+        shapes and dtypes.
+      fraction: in (0, 1], read as the decimal it prints as (``core_count``).
+      scope: "global" or "leaf".
+      include, exclude: a regex or list of regexes over leaf paths (``re.search``, so
+        ``"embed"`` matches ``"model/embed_tokens/embedding"``). A leaf is eligible when some
+        include pattern matches (all leaves if ``include`` is None) and no exclude pattern
+        does; ineligible leaves get all-False masks and do not count in D.
+
+    Returns:
+      A bool pytree with the structure of ``base``.
+
+    Raises:
+      ValueError: fraction outside (0, 1]; unknown scope; base/tuned mismatch (names the leaf);
+        non-float leaves; include/exclude leaving no eligible leaf; NaN or Inf in a delta
+        (names the leaf). The NaN/Inf check reads the values, so under ``jit`` it is skipped:
+        there a NaN delta makes the threshold NaN and the affected masks all-False, and an
+        Inf delta ranks as the largest.
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating)):
+        raise ValueError(f"core_mask: fraction must be a number in (0, 1], got {fraction!r}")
+    if not 0.0 < float(fraction) <= 1.0:
+        raise ValueError(f"core_mask: fraction must be in (0, 1], got {fraction!r}")
+    if scope not in SCOPES:
+        raise ValueError(f"core_mask: scope must be one of {SCOPES}, got {scope!r}")
+    tree_lib.check_same_structure(base, tuned, names=("base", "tuned"))
+    paths, base_leaves, treedef = tree_lib.flatten(base)
+    tuned_leaves = tree_lib.flatten(tuned)[1]
+    for path, leaf in zip(paths, base_leaves):
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise ValueError(f"core_mask: leaf '{path}' has dtype {leaf.dtype}, expected float")
+    eligible = _eligible(paths, include, exclude)
+    index = [i for i, ok in enumerate(eligible) if ok]
+    deltas = [_abs_delta(base_leaves[i], tuned_leaves[i]) for i in index]
+    _check_finite([paths[i] for i in index], deltas)
+    if scope == "global":
+        total = sum(int(d.size) for d in deltas)
+        chosen = _top_k(deltas, core_count(fraction, total))
+    else:
+        chosen = [_top_k([d], core_count(fraction, int(d.size)))[0] for d in deltas]
+    out = [jnp.zeros(np.shape(leaf), bool) for leaf in base_leaves]
+    for i, mask in zip(index, chosen):
+        out[i] = mask
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# ---------------------------------------------------------------------------------- inspecting
+
+
+def check_mask(params: Pytree, mask: Pytree, *, names: tuple[str, str] = ("params", "mask")):
+    """ValueError naming the first leaf where ``mask`` does not fit ``params`` or is not bool."""
+    tree_lib.check_same_shapes(params, mask, names=names)
+    for path, leaf in zip(*tree_lib.flatten(mask)[:2]):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype != np.bool_:
+            raise ValueError(f"leaf '{path}': {names[1]} has dtype {dtype}, expected bool")
+
+
+def _bool_leaves(mask: Pytree, name: str) -> tuple[list[str], list[np.ndarray]]:
+    paths, leaves, _ = tree_lib.flatten(mask)
+    arrays = []
+    for path, leaf in zip(paths, leaves):
+        if getattr(leaf, "dtype", None) != np.bool_:
+            raise ValueError(
+                f"leaf '{path}': {name} has dtype {getattr(leaf, 'dtype', None)}, expected bool"
+            )
+        arrays.append(np.asarray(leaf).reshape(-1))
+    return paths, arrays
+
+
+def jaccard(mask_a: Pytree, mask_b: Pytree) -> float:
+    """``|A & B| / |A | B|`` over all leaves; 1.0 when both masks are empty (identical sets)."""
+    tree_lib.check_same_shapes(mask_a, mask_b, names=("mask_a", "mask_b"))
+    _, a = _bool_leaves(mask_a, "mask_a")
+    _, b = _bool_leaves(mask_b, "mask_b")
+    inter = sum(np.count_nonzero(x & y) for x, y in zip(a, b))
+    union = sum(np.count_nonzero(x | y) for x, y in zip(a, b))
+    return 1.0 if union == 0 else inter / union
+
+
+def _packed_words(flat: np.ndarray) -> np.ndarray:
+    """Bool vector -> uint64 words (8 entries per byte, zero-padded)."""
+    packed = np.packbits(flat)
+    packed = np.concatenate([packed, np.zeros(-packed.size % 8, np.uint8)])
+    return packed.view(np.uint64)
+
+
+def overlap_matrix(masks: Sequence[Pytree]) -> np.ndarray:
+    """Pairwise Jaccard matrix (N, N) float64; symmetric, diagonal 1.
+
+    Intersections are popcounts of AND-ed bit-packed words, leaf by leaf, so memory stays at
+    N bit-packed copies of one leaf (D/8 bytes per mask for a 1e8-entry leaf: 12.5 MB).
+    """
+    masks = list(masks)
+    if not masks:
+        raise ValueError("overlap_matrix: need at least one mask")
+    for i, m in enumerate(masks[1:], start=1):
+        tree_lib.check_same_shapes(masks[0], m, names=("masks[0]", f"masks[{i}]"))
+    per_mask = [_bool_leaves(m, f"masks[{i}]")[1] for i, m in enumerate(masks)]
+    n = len(masks)
+    inter = np.zeros((n, n), np.int64)
+    for leaf in range(len(per_mask[0])):
+        words = [_packed_words(leaves[leaf]) for leaves in per_mask]
+        for i in range(n):
+            for j in range(i, n):
+                inter[i, j] += int(np.bitwise_count(words[i] & words[j]).sum())
+    sizes = np.diag(inter).copy()
+    inter = np.triu(inter) + np.triu(inter, 1).T
+    union = sizes[:, None] + sizes[None, :] - inter
+    out = np.ones((n, n), np.float64)
+    np.divide(inter, union, out=out, where=union > 0)
+    return out
+
+
+def density(mask: Pytree) -> dict:
+    """``{"per_leaf": {path: fraction True}, "total": fraction True, "count": int}``.
+
+    Empty leaves (size 0) have density 0.0.
+    """
+    paths, arrays = _bool_leaves(mask, "mask")
+    counts = [int(np.count_nonzero(a)) for a in arrays]
+    sizes = [a.size for a in arrays]
+    total = sum(sizes)
+    return {
+        "per_leaf": {p: c / s if s else 0.0 for p, c, s in zip(paths, counts, sizes)},
+        "total": sum(counts) / total if total else 0.0,
+        "count": sum(counts),
+    }
+
+
+def density_by_group(mask: Pytree, key_fn: Callable[[str], Hashable]) -> dict:
+    """Density per group of leaves: ``{key_fn(path): {"count", "size", "density"}}``.
+
+    Every leaf lands in the group ``key_fn`` returns for its path (None is a group like any
+    other). Groups appear in order of first leaf. E.g. ``density_by_group(m, layer_index)``.
+    """
+    paths, arrays = _bool_leaves(mask, "mask")
+    groups: dict = {}
+    for path, a in zip(paths, arrays):
+        g = groups.setdefault(key_fn(path), {"count": 0, "size": 0})
+        g["count"] += int(np.count_nonzero(a))
+        g["size"] += a.size
+    for g in groups.values():
+        g["density"] = g["count"] / g["size"] if g["size"] else 0.0
+    return groups
+
+
+def density_by(mask: Pytree, rules: Sequence[tuple[str, Hashable]]) -> dict:
+    """``density_by_group`` with groups from ordered ``(regex, group)`` rules.
+
+    First ``re.fullmatch`` wins and every leaf must match a rule (``tree.resolve_rules``), e.g.
+    ``[(r".*attn.*", "attention"), (r".*mlp.*", "mlp"), (r".*", "other")]``.
+    """
+    rules = list(rules)
+    tree_lib.resolve_rules(mask, rules)  # checks the regexes and that every leaf is covered
+    return density_by_group(mask, lambda path: tree_lib.match_rule(path, rules))
+
+
+_LAYER = re.compile(r"(?:^|/)(?:layers|blocks|h)(?:/|_)(\d+)(?:/|$)")
+
+
+def layer_index(path: str) -> int | None:
+    """Layer number in paths like ``"layers/3/mlp/up_proj/kernel"`` (or ``layers_3``); else None."""
+    match = _LAYER.search(path)
+    return int(match.group(1)) if match else None
+
+
+# ------------------------------------------------------------------------------------- storage
+
+
+def pack(mask: Pytree) -> Pytree:
+    """Bool pytree -> pytree of uint8 NumPy arrays, 8 entries per byte (``np.packbits`` order).
+
+    Each leaf is flattened row-major and packed to ``ceil(size / 8)`` bytes; the shapes are not
+    stored (``unpack`` takes them from ``like``).
+    """
+    paths, arrays = _bool_leaves(mask, "mask")
+    treedef = jax.tree_util.tree_structure(mask)
+    return jax.tree_util.tree_unflatten(treedef, [np.packbits(a) for a in arrays])
+
+
+def unpack(packed: Pytree, like: Pytree) -> Pytree:
+    """Inverse of ``pack``: bool NumPy arrays with the structure and shapes of ``like``.
+
+    ``like`` holds arrays or ``jax.ShapeDtypeStruct``s. Leaves are matched by path, so a packed
+    tree restored as a plain dict unpacks against an ``nnx.State``. ValueError names the first
+    leaf that is missing, extra, not uint8, or of the wrong byte length for its shape.
+    """
+    p_paths, p_leaves, _ = tree_lib.flatten(packed)
+    l_paths, l_leaves, treedef = tree_lib.flatten(like)
+    by_path = dict(zip(p_paths, p_leaves))
+    for path in sorted(set(p_paths) ^ set(l_paths)):
+        where = "packed" if path in by_path else "like"
+        raise ValueError(f"unpack: leaf '{path}' is only in {where}")
+    out = []
+    for path, ref in zip(l_paths, l_leaves):
+        shape = tuple(np.shape(ref))
+        size = math.prod(shape)
+        data = np.asarray(by_path[path])
+        if data.dtype != np.uint8 or data.ndim != 1 or data.size != -(-size // 8):
+            raise ValueError(
+                f"unpack: leaf '{path}': expected {-(-size // 8)} packed uint8 bytes for shape "
+                f"{shape}, got {data.dtype} array of shape {data.shape}"
+            )
+        out.append(np.unpackbits(data, count=size).astype(bool).reshape(shape))
+    return jax.tree_util.tree_unflatten(treedef, out)
