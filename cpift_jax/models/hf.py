@@ -1,0 +1,225 @@
+"""Hugging Face checkpoint import/export (config.json + safetensors; never pickle).
+
+The mapping between our parameter paths and HF tensor names is a rename plus transposes:
+``model/layers/0/mlp/up_proj/kernel`` <-> ``model.layers.0.mlp.up_proj.weight`` (kernel is the
+transposed ``[in, out]`` weight), ``.../embedding`` <-> ``...weight``, norms and biases as they are.
+
+    config, params = hf.load("path/to/checkpoint")      # config.json + (sharded) safetensors
+    hf.save("out/dir", config, params)                   # AutoModelForCausalLM can load it
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+
+import jax
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from cpift_jax import tree
+from cpift_jax.models.config import ModelConfig
+from cpift_jax.models.functional import abstract_params
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+
+# Tensors some HF checkpoints carry that the model recomputes (old Llama RoPE buffers).
+_DERIVED_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def hf_name(path: str) -> tuple[str, bool]:
+    """Our leaf path -> (HF tensor name, whether the array is stored transposed)."""
+    parts = path.split("/")
+    leaf = parts[-1]
+    if leaf == "kernel":
+        return ".".join(parts[:-1] + ["weight"]), True
+    if leaf == "embedding":
+        return ".".join(parts[:-1] + ["weight"]), False
+    return ".".join(parts), False
+
+
+def _expected(config: ModelConfig) -> list[tuple[str, str, bool, tuple[int, ...]]]:
+    """(our path, HF name, transposed, HF shape) for every parameter of ``config``."""
+    paths, leaves, _ = tree.flatten(abstract_params(config))
+    rows = []
+    for path, leaf in zip(paths, leaves):
+        name, transposed = hf_name(path)
+        shape = tuple(leaf.shape[::-1]) if transposed else tuple(leaf.shape)
+        rows.append((path, name, transposed, shape))
+    return rows
+
+
+def params_from_tensors(
+    config: ModelConfig, get_tensor: Callable[[str], np.ndarray], names: set[str], *, source: str
+) -> dict:
+    """Builds our params from HF-named tensors, one at a time.
+
+    ``get_tensor(name)`` returns one HF tensor; ``names`` are all tensor names available. Raises
+    ``ValueError`` for a missing tensor, a wrong shape or an unexpected extra tensor (naming it
+    and ``source``). A tied checkpoint may also carry ``lm_head.weight``, which must then equal
+    the embedding.
+    """
+    dtype = np.dtype(jax.numpy.dtype(config.param_dtype))
+    by_path = {}
+    for path, name, transposed, shape in _expected(config):
+        if name not in names:
+            raise ValueError(f"{source}: missing tensor '{name}' (expected shape {shape})")
+        array = get_tensor(name)
+        if tuple(array.shape) != shape:
+            raise ValueError(f"{source}: tensor '{name}' has shape {tuple(array.shape)}, "
+                             f"expected {shape}")
+        array = array.T if transposed else array
+        by_path[path] = jax.numpy.asarray(np.ascontiguousarray(array).astype(dtype, copy=False))
+    used = {name for _, name, _, _ in _expected(config)}
+    for name in sorted(names - used):
+        if _DERIVED_TENSORS.fullmatch(name):
+            continue
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            embed = by_path["model/embed_tokens/embedding"]
+            if not np.array_equal(np.asarray(get_tensor(name)).astype(dtype), np.asarray(embed)):
+                raise ValueError(f"{source}: tie_word_embeddings is true but 'lm_head.weight' "
+                                 "differs from 'model.embed_tokens.weight'")
+            continue
+        raise ValueError(f"{source}: unexpected tensor '{name}' for a {config.model_type} model "
+                         "with this config")
+    return tree.map_with_path(lambda path, _: by_path[path], abstract_params(config))
+
+
+def load(path: str | os.PathLike, *, param_dtype: str | None = None) -> tuple[ModelConfig, dict]:
+    """HF checkpoint directory -> ``(ModelConfig, params)``.
+
+    Reads ``config.json`` and either ``model.safetensors`` or the shards listed in
+    ``model.safetensors.index.json``, tensor by tensor. ``param_dtype`` overrides the dtype
+    (default: the checkpoint's, see ``ModelConfig.from_hf``). Pickled ``.bin`` weights are refused.
+    """
+    path = os.fspath(path)
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"no config.json in {path!r}")
+    with open(config_file) as f:
+        config = ModelConfig.from_hf(json.load(f), param_dtype=param_dtype)
+    files = _weight_files(path)
+    handles = {}
+    try:
+        for file in set(files.values()):
+            handles[file] = safe_open(os.path.join(path, file), framework="numpy")
+
+        def get_tensor(name):
+            return handles[files[name]].get_tensor(name)
+
+        names = set()
+        for file, handle in handles.items():
+            names |= set(handle.keys())
+        listed = set(files)
+        absent = sorted(listed - names)
+        if absent:
+            raise ValueError(f"{path}: tensor '{absent[0]}' is listed in {INDEX_FILE} but missing "
+                             f"from '{files[absent[0]]}'")
+        params = params_from_tensors(config, get_tensor, listed, source=path)
+    finally:
+        handles.clear()
+    return config, params
+
+
+def _weight_files(path: str) -> dict[str, str]:
+    """Tensor name -> safetensors file name within ``path``."""
+    index_file = os.path.join(path, INDEX_FILE)
+    if os.path.isfile(index_file):
+        with open(index_file) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index_file} has no 'weight_map' dict")
+        for file in set(weight_map.values()):
+            if not os.path.isfile(os.path.join(path, file)):
+                raise FileNotFoundError(f"shard '{file}' listed in {index_file} does not exist")
+        return dict(weight_map)
+    single = os.path.join(path, SINGLE_FILE)
+    if os.path.isfile(single):
+        with safe_open(single, framework="numpy") as f:
+            return {name: SINGLE_FILE for name in f.keys()}
+    pickles = sorted(f for f in os.listdir(path) if f.endswith(_PICKLE_SUFFIXES))
+    if pickles:
+        raise ValueError(
+            f"{path} holds only pickled weights ({', '.join(pickles)}); refusing to unpickle "
+            "(it can run arbitrary code). Convert the checkpoint to safetensors first, e.g. "
+            "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out_dir)` in a trusted "
+            "environment."
+        )
+    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path!r}")
+
+
+def hf_tensors(config: ModelConfig, params: dict) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields ``(HF name, numpy array in HF layout and config.param_dtype)`` one at a time."""
+    tree.check_same_shapes(abstract_params(config), params, names=("model", "params"))
+    dtype = np.dtype(jax.numpy.dtype(config.param_dtype))
+    flat = dict(zip(*tree.flatten(params)[:2]))
+    for path, name, transposed, _ in _expected(config):
+        array = np.asarray(flat[path])
+        array = array.T if transposed else array
+        yield name, np.ascontiguousarray(array.astype(dtype, copy=False))
+
+
+def save(
+    path: str | os.PathLike,
+    config: ModelConfig,
+    params: dict,
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    extra_config: Mapping | None = None,
+) -> None:
+    """Writes ``config.json`` and safetensors weights that ``transformers`` loads.
+
+    One ``model.safetensors`` when the weights fit in ``max_shard_bytes``, else shards
+    ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``. Existing weight
+    files of those names in ``path`` are replaced (stale shards would otherwise be picked up).
+    Weights are stored in ``config.param_dtype``; ``extra_config`` keys are added to config.json.
+    """
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    for old in os.listdir(path):
+        if old == INDEX_FILE or re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", old):
+            os.remove(os.path.join(path, old))
+    shards = _plan_shards(config, max_shard_bytes)
+    tensors = hf_tensors(config, params)
+    weight_map, total = {}, 0
+    for i, names in enumerate(shards):
+        file = SINGLE_FILE if len(shards) == 1 else \
+            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        shard = {}
+        for name in names:
+            got_name, array = next(tensors)
+            assert got_name == name
+            shard[name] = array
+            weight_map[name] = file
+            total += array.nbytes
+        save_file(shard, os.path.join(path, file), metadata={"format": "pt"})
+        del shard
+    if len(shards) > 1:
+        with open(os.path.join(path, INDEX_FILE), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    hf_config = config.to_hf_dict()
+    hf_config.update(extra_config or {})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+
+
+def _plan_shards(config: ModelConfig, max_shard_bytes: int) -> list[list[str]]:
+    """Greedy split of the HF tensor names, in order, into shards of at most ``max_shard_bytes``
+    (a single tensor larger than that gets a shard of its own)."""
+    itemsize = np.dtype(jax.numpy.dtype(config.param_dtype)).itemsize
+    shards, current, size = [], [], 0
+    for _, name, _, shape in _expected(config):
+        nbytes = int(np.prod(shape)) * itemsize
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    shards.append(current)
+    return shards

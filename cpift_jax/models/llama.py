@@ -1,0 +1,176 @@
+"""Flax NNX Llama-family decoder (Llama 1/2/3, Mistral, Qwen2) from one ``ModelConfig``.
+
+Pre-norm decoder (Touvron et al. 2023): ``h += Attn(RMSNorm(h)); h += SwiGLU(RMSNorm(h))`` with
+rotary position embeddings and grouped-query attention through
+``jax.nn.dot_product_attention``. Attribute names follow transformers' ``LlamaForCausalLM`` so a
+parameter's path is its HF tensor name with "." -> "/" and ``weight`` -> ``kernel`` (transposed,
+for linears) or ``embedding`` (for the token embedding):
+
+    model/embed_tokens/embedding                   [vocab, hidden]
+    model/layers/{i}/input_layernorm/weight        [hidden]
+    model/layers/{i}/self_attn/{q,k,v,o}_proj/kernel   [in, out]   (+ /bias when enabled)
+    model/layers/{i}/post_attention_layernorm/weight   [hidden]
+    model/layers/{i}/mlp/{gate,up,down}_proj/kernel    [in, out]   (+ /bias when enabled)
+    model/norm/weight                              [hidden]
+    lm_head/kernel                                 [hidden, vocab]  (only when untied)
+
+A KV cache is an explicit argument (a list with one ``{"k", "v"}`` dict of
+``[batch, cache_len, kv_heads, head_dim]`` arrays per layer), so the module stays stateless and
+generation is a pure function; see ``cpift_jax.models.generate``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cpift_jax.models.config import ModelConfig
+from cpift_jax.models.layers import RMSNorm, apply_rope, attention_mask, rope_cos_sin
+
+KVCache = list  # [{"k": [B, S, K, H], "v": [B, S, K, H]}] * num_hidden_layers
+
+_INIT_STD = 0.02  # transformers' default initializer_range
+
+
+def _linear(config: ModelConfig, n_in: int, n_out: int, bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
+    dtype = jnp.dtype(config.param_dtype)
+    return nnx.Linear(
+        n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=dtype,
+        kernel_init=nnx.initializers.normal(_INIT_STD), bias_init=nnx.initializers.zeros,
+        rngs=rngs,
+    )
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with GQA and RoPE; optional KV cache written at ``positions``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        q_size, kv_size = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        self.q_proj = _linear(c, c.hidden_size, q_size, c.attention_bias, rngs)
+        self.k_proj = _linear(c, c.hidden_size, kv_size, c.attention_bias, rngs)
+        self.v_proj = _linear(c, c.hidden_size, kv_size, c.attention_bias, rngs)
+        self.o_proj = _linear(c, q_size, c.hidden_size, c.attention_out_bias, rngs)
+
+    def __call__(self, x, cos, sin, positions, cache):
+        c = self.config
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).reshape(batch, seq, c.num_attention_heads, c.head_dim)
+        k = self.k_proj(x).reshape(batch, seq, c.num_key_value_heads, c.head_dim)
+        v = self.v_proj(x).reshape(batch, seq, c.num_key_value_heads, c.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            if positions is None and c.sliding_window is None:
+                out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+            else:
+                pos = positions if positions is not None else _default_positions(batch, seq)
+                mask = attention_mask(pos, pos, c.sliding_window)
+                out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+            new_cache = None
+        else:
+            # Each row writes its new keys/values at its own positions (per-row prompt lengths).
+            rows = jnp.arange(batch)[:, None]
+            k_all = cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype))
+            v_all = cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype))
+            slots = jnp.arange(k_all.shape[1])[None, :]
+            mask = attention_mask(positions, slots, c.sliding_window)
+            out = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
+                                               mask=mask)
+            new_cache = {"k": k_all, "v": v_all}
+        return self.o_proj(out.reshape(batch, seq, -1)), new_cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward (Shazeer 2020): ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.gate_proj = _linear(c, c.hidden_size, c.intermediate_size, c.mlp_bias, rngs)
+        self.up_proj = _linear(c, c.hidden_size, c.intermediate_size, c.mlp_bias, rngs)
+        self.down_proj = _linear(c, c.intermediate_size, c.hidden_size, c.mlp_bias, rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(config.param_dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=dtype)
+        self.self_attn = Attention(config, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, param_dtype=dtype
+        )
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, h, cos, sin, positions, cache):
+        attn, new_cache = self.self_attn(self.input_layernorm(h), cos, sin, positions, cache)
+        h = h + attn
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, new_cache
+
+
+class LlamaModel(nnx.Module):
+    """Embedding, decoder stack and final norm (HF ``LlamaModel``)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(config.param_dtype)
+        self.embed_tokens = nnx.Embed(
+            config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype,
+            embedding_init=nnx.initializers.normal(_INIT_STD), rngs=rngs,
+        )
+        self.layers = nnx.List(
+            [DecoderLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=dtype)
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Causal LM over ``ModelConfig``; ``__call__(tokens) -> float32 logits [batch, seq, vocab]``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.model = LlamaModel(config, rngs=rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = _linear(config, config.hidden_size, config.vocab_size, False, rngs)
+
+    def hidden_states(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Final-norm hidden states ``[batch, seq, hidden]`` and the updated cache.
+
+        ``positions`` (``[batch, seq]`` ints) default to ``0..seq-1``; with a ``cache`` they are
+        also the cache slots written, and each query attends to all slots ``<=`` its position.
+        """
+        batch, seq = tokens.shape
+        if cache is not None and positions is None:
+            raise ValueError("a KV cache needs explicit positions (the cache slots to write)")
+        pos = positions if positions is not None else _default_positions(batch, seq)
+        cos, sin = rope_cos_sin(self.config, pos)
+        h = self.model.embed_tokens(tokens)
+        new_cache = [] if cache is not None else None
+        for i, layer in enumerate(self.model.layers):
+            h, layer_cache = layer(h, cos, sin, positions, None if cache is None else cache[i])
+            if cache is not None:
+                new_cache.append(layer_cache)
+        return self.model.norm(h), new_cache
+
+    def head(self, h: jax.Array) -> jax.Array:
+        """Float32 logits from final hidden states (tied: ``h @ embed_tokens^T``)."""
+        if self.config.tie_word_embeddings:
+            out = self.model.embed_tokens.attend(h)
+        else:
+            out = self.lm_head(h)
+        return out.astype(jnp.float32)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        return self.head(self.hidden_states(tokens, positions)[0])
+
+
+def _default_positions(batch: int, seq: int) -> jax.Array:
+    return jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32)[None, :], (batch, seq))
