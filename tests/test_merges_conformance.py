@@ -1,0 +1,297 @@
+"""Every merge operator in cpift_jax/merges/ passes the same checks.
+
+Operators are discovered with ``merges.available()``, so a new file is tested as soon as it
+exists. A module tells this test what applies to it through optional module attributes
+(documented in docs/adding_a_merge_operator.md):
+
+    REQUIRES_BASE = False          # merge() raises ValueError without base=
+    MIN_MODELS = 1                 # fewest models it accepts
+    MAX_MODELS = None              # most models it accepts (None: any number)
+    STOCHASTIC = False             # takes an int ``seed``; same seed -> same result
+    EXAMPLE_HPARAMS = {}           # hyperparameters used by every check below
+    PER_LEAF_HPARAMS = ()          # names that also accept a pytree of per-leaf scalars
+    INTERPOLATION_ENDPOINTS = ()   # ((hparams, i), ...): merging two models with these
+                                   # hparams (on top of EXAMPLE_HPARAMS) returns models[i]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import hypothesis
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import strategies as st
+
+from cpift_jax import merges
+from cpift_jax import tree as tree_lib
+
+OPERATORS = merges.available()
+_KNOWN_ATTRIBUTES = {
+    "REQUIRES_BASE",
+    "MIN_MODELS",
+    "MAX_MODELS",
+    "STOCHASTIC",
+    "EXAMPLE_HPARAMS",
+    "PER_LEAF_HPARAMS",
+    "INTERPOLATION_ENDPOINTS",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    name: str
+    merge: object
+    requires_base: bool
+    min_models: int
+    max_models: int | None
+    stochastic: bool
+    example: dict
+    per_leaf: tuple
+    endpoints: tuple
+
+    @property
+    def n_models(self) -> int:
+        """Three models where allowed: more than two exercises the n-ary code paths."""
+        return max(self.min_models, min(3, self.max_models or 3))
+
+    def call(self, models, base=None, **overrides):
+        hparams = {**self.example, **overrides}
+        return self.merge(models, base=base, **hparams)
+
+
+def spec(name: str) -> Spec:
+    module = merges.get_module(name)
+    return Spec(
+        name=name,
+        merge=module.merge,
+        requires_base=getattr(module, "REQUIRES_BASE", False),
+        min_models=getattr(module, "MIN_MODELS", 1),
+        max_models=getattr(module, "MAX_MODELS", None),
+        stochastic=getattr(module, "STOCHASTIC", False),
+        example=dict(getattr(module, "EXAMPLE_HPARAMS", {})),
+        per_leaf=tuple(getattr(module, "PER_LEAF_HPARAMS", ())),
+        endpoints=tuple(getattr(module, "INTERPOLATION_ENDPOINTS", ())),
+    )
+
+
+def params(seed: int, scale: float = 1.0) -> dict:
+    """A small parameter tree: a 2-D and a 1-D float32 leaf, a bf16 leaf, a scalar, a list."""
+    rng = np.random.default_rng(seed)
+
+    def arr(shape, dtype=jnp.float32):
+        return jnp.asarray(scale * rng.normal(size=shape), dtype)
+
+    return {
+        "embed": {"embedding": arr((6, 4))},
+        "layers": [
+            {"mlp": {"kernel": arr((4, 5), jnp.bfloat16), "bias": arr((5,))}},
+            {"mlp": {"kernel": arr((4, 5), jnp.bfloat16), "bias": arr((5,))}},
+        ],
+        "norm": {"scale": arr(())},
+    }
+
+
+def near(base: dict, seed: int, step: float = 0.1) -> dict:
+    """A 'fine-tuned' tree: base plus a small random update (exact in the leaf dtype)."""
+    update = params(seed, step)
+    def add(b, u):
+        return (b.astype(jnp.float32) + u.astype(jnp.float32)).astype(b.dtype)
+
+    return jax.tree.map(add, base, update)
+
+
+def same_leaves(a, b) -> list[bool]:
+    return [np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+
+
+def inputs(s: Spec, n: int | None = None):
+    base = params(0)
+    models = [near(base, 10 + i) for i in range(n or s.n_models)]
+    return models, base
+
+
+def assert_trees_close(actual, expected, *, exact_bf16=False):
+    check = tree_lib.check_same_structure
+    check(actual, expected, names=("result", "expected"))
+    leaves = zip(tree_lib.leaf_paths(expected), jax.tree.leaves(actual), jax.tree.leaves(expected))
+    for path, a, e in leaves:
+        a32, e32 = np.asarray(a, np.float32), np.asarray(e, np.float32)
+        if e.dtype == jnp.bfloat16:
+            tol = dict(rtol=0, atol=0) if exact_bf16 else dict(rtol=1e-2, atol=1e-2)
+        else:
+            tol = dict(rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a32, e32, err_msg=f"leaf '{path}'", **tol)
+
+
+@pytest.fixture(params=OPERATORS)
+def op(request) -> Spec:
+    return spec(request.param)
+
+
+def test_operators_are_discovered():
+    # The issue's operators; slerp and cpi join when their files land.
+    expected = {"linear", "task_arithmetic", "ties", "dare", "breadcrumbs", "model_stock",
+                "multislerp", "karcher", "stitch", "consensus"}
+    assert expected <= set(OPERATORS)
+
+
+def test_module_is_documented_and_declares_only_known_attributes(op):
+    module = merges.get_module(op.name)
+    doc = module.__doc__ or ""
+    assert len(doc) > 200 and "degenerate" in doc.lower(), (
+        f"{op.name}: the module docstring must give the reference, the steps and the "
+        "degenerate cases"
+    )
+    upper = {a for a in vars(module) if a.isupper() and not a.startswith("_")}
+    # A misspelt attribute (INTERPOLATION_ENDPOINT) would silently switch a check off.
+    suffixes = ("BASE", "MODELS", "STOCHASTIC", "HPARAMS", "ENDPOINTS", "ENDPOINT")
+    unknown = {a for a in upper if a.endswith(suffixes)} - _KNOWN_ATTRIBUTES
+    assert not unknown, f"{op.name}: unknown attributes {unknown}"
+    for hparams, index in op.endpoints:
+        assert isinstance(hparams, dict) and index in (0, 1)
+    assert set(op.per_leaf) <= set(inspect.signature(op.merge).parameters)
+
+
+def test_signature_takes_models_base_and_weights_and_no_catch_all_kwargs(op):
+    parameters = inspect.signature(op.merge).parameters
+    assert list(parameters)[0] == "models"
+    for name in ("base", "weights"):
+        assert parameters[name].kind is inspect.Parameter.KEYWORD_ONLY, f"{op.name}: {name}"
+    # A **kwargs would swallow a mistyped hyperparameter instead of failing.
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def test_preserves_structure_shapes_and_dtypes(op):
+    models, base = inputs(op)
+    out = op.call(models, base=base)
+    tree_lib.check_same_structure(out, models[0], names=("result", "models[0]"))
+    assert all(np.isfinite(np.asarray(x, np.float32)).all() for x in jax.tree.leaves(out))
+
+
+def test_accepts_nnx_state_and_returns_it(op):
+    models, base = inputs(op)
+    out = op.call([nnx.State(m) for m in models], base=nnx.State(base))
+    assert isinstance(out, nnx.State)
+    assert tree_lib.leaf_paths(out) == tree_lib.leaf_paths(base)
+    assert all(same_leaves(out, op.call(models, base=base)))
+
+
+def test_identical_inputs_give_that_input_back(op):
+    _, x = inputs(op)
+    models = [x] * op.n_models
+    assert_trees_close(op.call(models, base=x), x, exact_bf16=True)
+    if not op.requires_base:
+        assert_trees_close(op.call(models), x, exact_bf16=True)
+
+
+def test_without_base_raises_if_required(op):
+    models, base = inputs(op)
+    if op.requires_base:
+        with pytest.raises(ValueError, match="base"):
+            op.call(models)
+    else:
+        op.call(models)  # must work without a base
+
+
+def test_mismatched_models_name_the_leaf(op):
+    models, base = inputs(op)
+    bad = jax.tree.map(lambda x: x, models[-1])
+    bad["layers"][1]["mlp"]["bias"] = jnp.zeros(7)
+    with pytest.raises(ValueError, match="layers/1/mlp/bias"):
+        op.call([*models[:-1], bad], base=base)
+
+
+def test_too_few_models_raise(op):
+    models, base = inputs(op)
+    with pytest.raises(ValueError):
+        op.call(models[: op.min_models - 1], base=base)
+
+
+def test_unknown_hyperparameter_raises(op):
+    models, base = inputs(op)
+    with pytest.raises(TypeError):
+        op.call(models, base=base, not_a_hyperparameter=1)
+
+
+def test_runs_under_jit_and_matches_eager(op):
+    models, base = inputs(op)
+    eager = op.call(models, base=base)
+    jitted = jax.jit(lambda ms, b: op.call(ms, base=b))(models, base)
+    assert_trees_close(jitted, eager)
+
+
+def test_deterministic_and_seeded(op):
+    models, base = inputs(op)
+    first, second = op.call(models, base=base), op.call(models, base=base)
+    assert all(same_leaves(first, second))
+    if op.stochastic:
+        other = op.call(models, base=base, seed=op.example.get("seed", 0) + 1)
+        assert not all(same_leaves(first, other))
+
+
+def test_interpolation_endpoints(op):
+    if not op.endpoints:
+        pytest.skip(f"{op.name} declares no INTERPOLATION_ENDPOINTS")
+    models, base = inputs(op, n=2)
+    for hparams, index in op.endpoints:
+        out = op.call(models, base=base if op.requires_base else None, **hparams)
+        assert_trees_close(out, models[index], exact_bf16=True)
+
+
+def test_finite_on_degenerate_inputs(op):
+    zeros = jax.tree.map(jnp.zeros_like, params(0))
+    _, base = inputs(op)
+    n = op.n_models
+    cases = {
+        "all zeros": ([zeros] * n, zeros),
+        "zero task vectors": ([base] * n, base),
+        # Opposite task vectors cancel: sign elections tie, sphere means lose their direction.
+        "antipodal": ([near(base, 1), jax.tree.map(lambda b, m: 2 * b - m, base, near(base, 1))]
+                      + [base] * (n - 2), base),
+    }
+    if op.min_models == 1:
+        cases["one model"] = ([near(base, 1)], base)
+    for label, (models, b) in cases.items():
+        out = op.call(models, base=b)
+        for path, leaf in zip(tree_lib.leaf_paths(out), jax.tree.leaves(out)):
+            finite = np.isfinite(np.asarray(leaf, np.float32)).all()
+            assert finite, f"{op.name}, {label}: leaf '{path}'"
+
+
+def test_per_leaf_hyperparameters_equal_to_the_scalar_give_the_same_result(op):
+    if not op.per_leaf:
+        pytest.skip(f"{op.name} declares no PER_LEAF_HPARAMS")
+    models, base = inputs(op)
+    defaults = inspect.signature(op.merge).parameters
+    reference = op.call(models, base=base)
+    for name in op.per_leaf:
+        value = op.example.get(name, defaults[name].default)
+        tree = jax.tree.map(lambda _: value, base)
+        out = op.call(models, base=base, **{name: tree})
+        assert all(same_leaves(out, reference)), name
+
+
+_leaf = hnp.arrays(
+    np.float32,
+    (6, 4),  # the embedding's shape: reuses its compiled kernels
+    elements=st.floats(-1e3, 1e3, width=32) | st.sampled_from([0.0, -0.0, 1e-30]),
+)
+
+
+@pytest.mark.parametrize("name", OPERATORS)
+@hypothesis.settings(max_examples=8, deadline=None, derandomize=True)
+@hypothesis.given(data=st.lists(_leaf, min_size=4, max_size=4))
+def test_property_finite_and_shape_preserving_on_arbitrary_values(name, data):
+    s = spec(name)
+    n = s.n_models
+    trees = [{"w": jnp.asarray(d)} for d in data]
+    models = (trees * 2)[1 : 1 + n]
+    out = s.call(models, base=trees[0])
+    assert out["w"].shape == (6, 4) and out["w"].dtype == jnp.float32
+    assert np.isfinite(np.asarray(out["w"])).all()
