@@ -1,0 +1,368 @@
+"""Streaming merge of whole checkpoints, one tensor name at a time (models bigger than memory).
+
+    result = streaming.merge_checkpoints(
+        ["ckpt/a", "ckpt/b"], "out/merged", operator="ties", base="ckpt/base",
+        params={"density": 0.5}, rules=[(r".*self_attn.*", {"density": 0.3})])
+
+For every tensor name, in the reference checkpoint's storage order: read that tensor from each
+model (and the base), merge it with ``cpift_jax.merges.get(operator)`` applied to one-leaf
+pytrees, append the result to the current output shard, drop every reference. Peak memory is
+about (number of models + 2) x the largest tensor, plus the operator's float32 temporaries,
+whatever the model size: inputs are ``pread`` (nothing memory-mapped) and shards are written as
+their tensors arrive (``cpift_jax.io.safetensors_io``), so not even one shard is held.
+
+Inputs: Hugging Face directories or Orbax parameter checkpoints (``cpift_jax.io.checkpoints``).
+Output: a Hugging Face directory with ``config.json`` (from the base, else the first model that
+has one; ``vocab_size`` and dtype updated), ``model-0000i-of-0000n.safetensors`` shards of at most
+``max_shard_size`` plus ``model.safetensors.index.json``, the tokenizer files of the same
+checkpoint, and ``merge_config.json`` recording the recipe. Everything is written into
+``<output>.tmp-XXXX`` next to ``output`` and renamed into place only when complete, so a failure
+leaves no output directory.
+
+Execution: ``"jit"`` compiles the operator once per (input shapes, dtypes, hyperparameters) and
+reuses it across tensors (layers share shapes); inputs are donated. ``"eager"`` calls it op by op
+(each jnp op is itself compiled once per shape; operators may take NumPy fast paths on concrete
+arrays). ``"auto"`` (default) picks eager for stochastic operators (they take a per-tensor
+Python-int seed, which would recompile every tensor under jit), jit for the rest, and falls back
+to eager with a warning if an operator cannot be traced.
+Stochastic operators get ``seed = crc32("<seed>:<tensor name>")`` per tensor, so every tensor
+draws its own mask and the result is reproducible from ``params.seed``. Per-tensor merging means
+``scope="global"`` (ranking the whole task vector at once) cannot stream and is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from cpift_jax import merges
+from cpift_jax import streaming_plan as plan_lib
+from cpift_jax.io import checkpoints as ckpt_lib
+from cpift_jax.io import safetensors_io as st
+
+__all__ = ["MergeResult", "TensorMerger", "merge_checkpoints", "merge_from_config", "EXECUTIONS"]
+
+EXECUTIONS = ("auto", "jit", "eager")
+DEFAULT_MAX_SHARD_SIZE = "2GB"
+_TRACE_ERRORS = (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerArrayConversionError,
+    jax.errors.TracerIntegerConversionError,
+    jax.errors.TracerBoolConversionError,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeResult:
+    output: str
+    num_tensors: int
+    total_bytes: int
+    num_shards: int
+    seconds: float
+    compilations: int
+    execution: str
+    copied_files: tuple[str, ...]
+
+
+def _operator_call(merge_fn, hp: Mapping[str, Any], cast, inputs, base):
+    """The operator on one tensor: one-leaf pytrees in, the merged array out."""
+    if cast is not None:
+        inputs = [x.astype(cast) for x in inputs]
+        base = None if base is None else base.astype(cast)
+    out = merge_fn([{"w": x} for x in inputs], base=None if base is None else {"w": base}, **hp)
+    return out["w"]
+
+
+class TensorMerger:
+    """Applies one operator tensor by tensor, compiling once per distinct call signature."""
+
+    def __init__(self, operator: str, execution: str = "auto"):
+        if execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+        self.operator = operator
+        self.module = merges.get_module(operator)
+        self.merge_fn = self.module.merge
+        self.stochastic = bool(getattr(self.module, "STOCHASTIC", False))
+        if execution == "auto":
+            execution = "eager" if self.stochastic else "jit"
+        self.execution = execution
+        self._jitted: dict[tuple, Any] = {}
+        self._signatures: set[tuple] = set()
+
+    @property
+    def compilations(self) -> int:
+        """Distinct (hyperparameters, shapes, dtypes) the jitted operator was called with."""
+        return len(self._signatures)
+
+    def __call__(self, inputs: list, base, hp: Mapping[str, Any], cast=None) -> np.ndarray:
+        """Merged tensor as a numpy array; ``inputs``/``base`` are numpy or jax arrays."""
+        if self.execution == "jit":
+            try:
+                return self._jit_call(inputs, base, hp, cast)
+            except _TRACE_ERRORS as err:
+                logging.warning("operator %r cannot be traced by jax.jit (%s); running it "
+                                "eagerly", self.operator, type(err).__name__)
+                self.execution = "eager"
+        inputs = [jnp.asarray(x) for x in inputs]
+        base = None if base is None else jnp.asarray(base)
+        return np.asarray(_operator_call(self.merge_fn, hp, cast, inputs, base))
+
+    def _jit_call(self, inputs, base, hp, cast):
+        key = (tuple(sorted(hp.items())), None if cast is None else np.dtype(cast).name)
+        fn = self._jitted.get(key)
+        if fn is None:
+            fn = jax.jit(functools.partial(_operator_call, self.merge_fn, dict(hp), cast),
+                         donate_argnums=(0, 1))
+            self._jitted[key] = fn
+        self._signatures.add(key + tuple((x.shape, str(x.dtype)) for x in inputs))
+        with warnings.catch_warnings():
+            # Only one input buffer can become the output; the others are freed, not reused.
+            warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+            return np.asarray(fn(list(inputs), base))
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """Per-tensor seed of a stochastic operator: every tensor draws its own randomness."""
+    return zlib.crc32(f"{seed}:{name}".encode()) & 0x7FFFFFFF
+
+
+def _check_output(output: str, overwrite: bool, inputs: Sequence[str]) -> str:
+    output = os.path.abspath(output)
+    for path in inputs:
+        if os.path.abspath(path) == output:
+            raise ValueError(f"output {output} is also an input checkpoint")
+    if os.path.exists(output):
+        if not os.path.isdir(output):
+            raise FileExistsError(f"output {output} exists and is not a directory")
+        if os.listdir(output) and not overwrite:
+            raise FileExistsError(f"output directory {output} is not empty; set overwrite=True "
+                                  "to replace it")
+    return output
+
+
+def _move_into_place(tmp: str, output: str) -> None:
+    old = None
+    if os.path.exists(output):
+        old = tempfile.mkdtemp(prefix=os.path.basename(output) + ".old-",
+                               dir=os.path.dirname(output))
+        os.replace(output, os.path.join(old, "previous"))
+    os.replace(tmp, output)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _config_source(models, base):
+    for source in ([base] if base is not None else []) + list(models):
+        if source.config is not None:
+            return source
+    raise ValueError("no input checkpoint has a config.json (Orbax checkpoints have none); "
+                     "give at least one Hugging Face directory, preferably as base")
+
+
+def _output_config(config: dict, vocab_rows: int | None, dtype) -> dict:
+    config = dict(config)
+    if vocab_rows is not None:
+        config["vocab_size"] = vocab_rows
+    if dtype is not None:
+        # transformers 5 writes "dtype", older versions "torch_dtype": update what is there.
+        keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+        for key in keys:
+            config[key] = np.dtype(dtype).name
+    return config
+
+
+def _read_inputs(sources, name: str, rows: int | None) -> list:
+    """Each source's tensor, first ``rows`` rows only; moved to jax one by one so that at most
+    one extra host copy exists at a time."""
+    out = []
+    for source in sources:
+        array = source.read(name)
+        if rows is not None:
+            array = array[:rows]
+        out.append(jax.device_put(array) if np.issubdtype(array.dtype, np.floating) else array)
+        del array
+    return out
+
+
+def merge_checkpoints(
+    models: Sequence[str],
+    output: str,
+    *,
+    operator: str,
+    base: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    rules: Sequence[tuple[str, Mapping[str, Any]]] = (),
+    dtype: str | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    truncate_vocab: bool = False,
+    overwrite: bool = False,
+    execution: str = "auto",
+    progress: bool = True,
+) -> MergeResult:
+    """Merges checkpoint directories into a new Hugging Face directory (module docstring)."""
+    start = time.perf_counter()
+    models, base = list(models), base or None
+    if isinstance(models, str) or not models:
+        raise ValueError("models must be a non-empty list of checkpoint directories")
+    merger = TensorMerger(operator, execution)
+    module = merger.module
+    n_min, n_max = getattr(module, "MIN_MODELS", 1), getattr(module, "MAX_MODELS", None)
+    if len(models) < n_min or (n_max is not None and len(models) > n_max):
+        raise ValueError(f"operator {operator!r} merges {n_min} to {n_max or 'any number of'} "
+                         f"models, got {len(models)}")
+    if getattr(module, "REQUIRES_BASE", False) and base is None:
+        raise ValueError(f"operator {operator!r} needs a base checkpoint (set base)")
+    # None stands for the operator's own default (recipes list every key, see configs/merge).
+    params = {k: v for k, v in dict(params or {}).items() if v is not None}
+    if merger.stochastic:
+        params.setdefault("seed", 0)
+    plan_lib.check_hparam_names(operator, merger.merge_fn,
+                                list(params) + [k for _, r in rules for k in r])
+    max_shard_bytes = st.parse_size(max_shard_size)
+    cast = None if not dtype else np.dtype(jnp.dtype(dtype))
+    output = _check_output(output, overwrite, models + ([base] if base else []))
+
+    sources = [ckpt_lib.open_checkpoint(p) for p in models]
+    base_source = ckpt_lib.open_checkpoint(base) if base else None
+    try:
+        plans, vocab_rows = plan_lib.plan_tensors(
+            sources, base_source, dtype=cast, truncate_vocab=truncate_vocab)
+        config_source = _config_source(sources, base_source)
+        names = [p.name for p in plans]
+        hps = plan_lib.tensor_hparams(
+            names, params, rules, num_layers=config_source.config.get("num_hidden_layers"))
+        if merger.stochastic:
+            for name in names:
+                hps[name]["seed"] = tensor_seed(int(hps[name]["seed"]), name)
+        _dry_run(merger, plans, hps, len(sources), base_source is not None, cast)
+        shards = st.plan_shards([p.out for p in plans], max_shard_bytes)
+        logging.info("merging %d tensors (%.3f GB) from %d models with %r (%s) into %d shards",
+                     len(plans), sum(p.out.nbytes for p in plans) / 1e9, len(sources), operator,
+                     merger.execution, len(shards))
+
+        parent = os.path.dirname(output)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(output) + ".tmp-", dir=parent)
+        writer = st.ShardedWriter(tmp, shards)
+        try:
+            _stream(merger, plans, hps, sources, base_source, cast, writer, progress)
+            writer.finish()
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(_output_config(config_source.config, vocab_rows, cast), f, indent=2)
+            copied = tuple(ckpt_lib.copy_side_files(config_source.path, tmp))
+            recipe = {"operator": operator, "models": models, "base": base, "params": params,
+                      "rules": [[p, dict(v)] for p, v in rules], "dtype": dtype,
+                      "truncate_vocab": truncate_vocab}
+            with open(os.path.join(tmp, "merge_config.json"), "w") as f:
+                json.dump(recipe, f, indent=2, default=list)
+            _move_into_place(tmp, output)
+        except BaseException:
+            writer.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        for source in sources + ([base_source] if base_source else []):
+            source.close()
+    return MergeResult(output, len(plans), writer.total_size, len(shards),
+                       time.perf_counter() - start, merger.compilations, merger.execution, copied)
+
+
+def _dry_run(merger, plans, hps, n_models, has_base, cast) -> None:
+    """Runs the operator eagerly on tiny arrays once per distinct hyperparameter set, so that a
+    bad value in a rule that only matches late tensors fails now, naming the first tensor."""
+    seen = set()
+    for plan in plans:
+        hp = hps[plan.name]
+        if hp.get("scope") == "global":
+            raise ValueError(f"tensor '{plan.name}': scope='global' ranks the whole model at "
+                             "once and cannot stream tensor by tensor; use scope='leaf'")
+        key = (tuple(sorted(hp.items())), len(plan.out.shape), plan.mergeable)
+        if not plan.mergeable or key in seen:
+            continue
+        seen.add(key)
+        dtype = plan.out.dtype
+        rng = np.random.default_rng(0)
+        shape = (2,) * len(plan.out.shape)
+        inputs = [rng.normal(size=shape).astype(dtype) for _ in range(n_models)]
+        base = rng.normal(size=shape).astype(dtype) if has_base else None
+        try:
+            _operator_call(merger.merge_fn, hp, None, [jnp.asarray(x) for x in inputs],
+                           None if base is None else jnp.asarray(base))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"operator {merger.operator!r} rejects the hyperparameters of tensor "
+                             f"'{plan.name}' ({dict(hp)}): {err}") from err
+
+
+def _stream(merger, plans, hps, sources, base_source, cast, writer, progress) -> None:
+    total = sum(p.out.nbytes for p in plans)
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
+               desc="merging", dynamic_ncols=True)
+    with bar:
+        for i, plan in enumerate(plans):
+            inputs = _read_inputs(sources, plan.name, plan.rows)
+            base = None
+            if base_source is not None:
+                base = _read_inputs([base_source], plan.name, plan.rows)[0]
+            if plan.mergeable:
+                merged = merger(inputs, base, hps[plan.name], cast)
+            else:
+                merged = _copy_if_equal(plan.name, inputs, base, sources, base_source)
+            del inputs, base
+            if merged.dtype != plan.out.dtype:
+                merged = merged.astype(plan.out.dtype)
+            writer.write(plan.name, merged)
+            del merged
+            bar.update(plan.out.nbytes)
+            bar.set_postfix_str(f"{i + 1}/{len(plans)} tensors", refresh=False)
+
+
+def _copy_if_equal(name, inputs, base, sources, base_source):
+    arrays = ([np.asarray(base)] if base is not None else []) + [np.asarray(x) for x in inputs]
+    labels = ([base_source.path] if base_source else []) + [s.path for s in sources]
+    for label, array in zip(labels[1:], arrays[1:]):
+        if not np.array_equal(arrays[0], array):
+            raise ValueError(f"tensor '{name}' has dtype {arrays[0].dtype}, which is not merged, "
+                             f"and differs between {labels[0]} and {label}")
+    return arrays[0]
+
+
+def merge_from_config(config) -> MergeResult:
+    """``merge_checkpoints`` from a recipe (``configs/merge/*.py``; see its keys there)."""
+    if not config.output:
+        raise ValueError("config.output is empty; pass --config.output=DIR")
+    models = list(config.models)
+    if not models:
+        raise ValueError("config.models is empty; list the checkpoints to merge")
+
+    def plain(value):
+        return value.to_dict() if hasattr(value, "to_dict") else dict(value)
+
+    return merge_checkpoints(
+        models,
+        config.output,
+        operator=config.operator,
+        base=config.base or None,
+        params=plain(config.params),
+        rules=[(pattern, plain(values)) for pattern, values in config.rules],
+        dtype=config.dtype or None,
+        max_shard_size=config.max_shard_size,
+        truncate_vocab=config.truncate_vocab,
+        overwrite=config.overwrite,
+        execution=config.execution,
+        progress=config.progress,
+    )

@@ -1,0 +1,242 @@
+"""Streaming merge vs mergekit on synthetic Llama checkpoints: wall time, peak RSS, max |diff|.
+
+    # once: mergekit in its own virtualenv (torch pinned: the local CPU wheel, no CUDA download)
+    python3 -m venv /tmp/mergekit-venv && \
+        /tmp/mergekit-venv/bin/pip install torch==2.13.0 mergekit==0.1.5
+    python -m experiments.bench_merge                      # 3 x ~1B float32 params (~40 GB disk)
+    python -m experiments.bench_merge --params=50e6        # quick (~2 minutes)
+
+Writes a base and 3 fine-tune-like models (base + small noise) of ``--params`` parameters each
+(Llama layout, ``config.json`` with model_type llama, safetensors) under ``--workdir`` (reused
+when the spec matches), then for each operator runs ``python -m experiments.merge`` with the
+recipe in configs/merge/ and ``mergekit-yaml`` with the equivalent YAML, each as its own
+subprocess (wall time; peak RSS from ``wait4``'s rusage), ours first (whatever the page cache
+keeps helps the run after it, i.e. mergekit), and compares the two outputs tensor by tensor.
+Both compute in float32 (mergekit's ``dtype: float32``) and store ``--dtype``.
+
+Recipes: linear = equal-weight mean of the 3 models; slerp = models 0 and 1 (mergekit's slerp
+takes exactly two) with the layer-gradient t of configs/merge/slerp.py; ties = base + 3 models,
+density 0.5, weights 1, lambda 1. Targets: our peak RSS <= mergekit's, our wall time <= 0.5x,
+max |diff| at float32 rounding (``--tolerance``, relative to the largest |weight|).
+Known semantic differences (none shows on this data): TIES keeps round(density * n) entries
+per tensor, mergekit int(density * n) (equal here: every n is even), ties at the threshold are
+all kept by us; a tied sign vote merges to the base with us, mergekit elects +; our SLERP
+accumulates <a, b> as row sums then a sum, mergekit as one NumPy sum (rounding only).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+
+from cpift_jax.io import checkpoints as ckpt_lib
+from cpift_jax.io import safetensors_io as st
+
+_PARAMS = flags.DEFINE_float("params", 1e9, "parameters per synthetic model")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "checkpoint dtype")
+_OPERATORS = flags.DEFINE_list("operators", ["linear", "slerp", "ties"], "operators to run")
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/bench_merge", "synthetic checkpoints + outputs")
+_MERGEKIT = flags.DEFINE_string("mergekit", "/tmp/mergekit-venv/bin/mergekit-yaml",
+                                "mergekit-yaml executable ('' skips mergekit)")
+_SHARD = flags.DEFINE_string("max_shard_size", "2GB", "output shard size for both tools")
+_TOLERANCE = flags.DEFINE_float("tolerance", 1e-5, "max |diff| / max |weight| counted as equal")
+_KEEP = flags.DEFINE_bool("keep", False, "keep the merged outputs")
+_JSON = flags.DEFINE_string("json", "", "also write the results here")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 32000
+NOISE = 0.1  # fine-tune deltas: NOISE x the base's scale
+
+
+def llama_shape(params: float) -> dict:
+    """A Llama-like config with about ``params`` parameters (TinyLlama's at 1e9)."""
+    hidden = max(128, 64 * round(math.sqrt(params / 240) / 64))
+    inter = 256 * math.ceil(8 * hidden / 3 / 256)
+    heads = hidden // 64
+    kv_heads = max(1, heads // 8)
+    per_layer = 2 * hidden * hidden + 2 * hidden * kv_heads * 64 + 3 * hidden * inter + 2 * hidden
+    layers = max(1, round((params - 2 * VOCAB * hidden - hidden) / per_layer))
+    return dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                max_position_embeddings=2048, tie_word_embeddings=False)
+
+
+def tensor_specs(shape: dict, dtype) -> list[st.TensorSpec]:
+    h, i, kv = shape["hidden_size"], shape["intermediate_size"], shape["num_key_value_heads"] * 64
+    names = [("model.embed_tokens.weight", (VOCAB, h))]
+    for layer in range(shape["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        names += [(p + "input_layernorm.weight", (h,)), (p + "self_attn.q_proj.weight", (h, h)),
+                  (p + "self_attn.k_proj.weight", (kv, h)), (p + "self_attn.v_proj.weight", (kv, h)),
+                  (p + "self_attn.o_proj.weight", (h, h)),
+                  (p + "post_attention_layernorm.weight", (h,)),
+                  (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
+                  (p + "mlp.down_proj.weight", (h, i))]
+    names += [("model.norm.weight", (h,)), ("lm_head.weight", (VOCAB, h))]
+    return [st.TensorSpec(n, np.dtype(dtype), s) for n, s in names]
+
+
+def write_models(workdir: str, shape: dict, dtype, names=("base", "m0", "m1", "m2")) -> list[str]:
+    """base and noisy copies, streamed tensor by tensor (a spec file marks a finished set)."""
+    import transformers
+
+    spec_file = os.path.join(workdir, "spec.json")
+    recipe = {"shape": shape, "dtype": np.dtype(dtype).name, "noise": NOISE, "version": 2}
+    paths = [os.path.join(workdir, n) for n in names]
+    if os.path.isfile(spec_file):
+        with open(spec_file) as f:
+            if json.load(f) == recipe:
+                return paths
+    shutil.rmtree(workdir, ignore_errors=True)
+    specs = tensor_specs(shape, dtype)
+    shards = st.plan_shards(specs, st.parse_size("2GB"))
+    writers = []
+    for path in paths:
+        os.makedirs(path)
+        transformers.LlamaConfig(**shape, dtype=np.dtype(dtype).name,
+                                 architectures=["LlamaForCausalLM"]).save_pretrained(path)
+        writers.append(st.ShardedWriter(path, shards))
+    print(f"writing {len(paths)} x {sum(s.nbytes for s in specs) / 1e9:.2f} GB to {workdir}")
+    for k, spec in enumerate(specs):
+        rng = np.random.default_rng(k)
+        norm = spec.name.endswith("norm.weight")
+        base = (1.0 + 0.1 * rng.standard_normal(spec.shape, np.float32)) if norm else \
+            0.02 * rng.standard_normal(spec.shape, np.float32)
+        writers[0].write(spec.name, base.astype(dtype))
+        for writer in writers[1:]:
+            noise = rng.standard_normal(spec.shape, np.float32)
+            noise *= NOISE * (0.1 if norm else 0.02)
+            noise += base
+            writer.write(spec.name, noise.astype(dtype))
+            del noise
+    for writer in writers:
+        writer.finish()
+    with open(spec_file, "w") as f:
+        json.dump(recipe, f)
+    return paths
+
+
+def mergekit_yaml(operator: str, paths: list[str], dtype: str) -> str:
+    base, models = paths[0], paths[1:]
+    head = f"dtype: float32\nout_dtype: {dtype}\n"
+    if operator == "linear":
+        entries = "".join(f"  - model: {m}\n    parameters: {{weight: 1.0}}\n" for m in models)
+        return f"merge_method: linear\nmodels:\n{entries}{head}"
+    if operator == "slerp":
+        a, b = models[:2]
+        return (f"merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\n"
+                "parameters:\n  t:\n    - filter: self_attn\n      value: [0, 0.5, 0.3, 0.7, 1]\n"
+                "    - filter: mlp\n      value: [1, 0.5, 0.7, 0.3, 0]\n    - value: 0.5\n"
+                + head)
+    if operator == "ties":
+        entries = "".join(f"  - model: {m}\n    parameters: {{density: 0.5, weight: 1.0}}\n"
+                          for m in models)
+        return (f"merge_method: ties\nbase_model: {base}\nmodels:\n{entries}"
+                "parameters:\n  normalize: true\n" + head)
+    raise ValueError(f"no mergekit recipe for {operator!r}")
+
+
+def our_command(operator: str, paths: list[str], output: str) -> list[str]:
+    base, models = paths[0], paths[1:]
+    arg = {"linear": models, "slerp": models[:2], "ties": [base] + models}[operator]
+    return [sys.executable, "-m", "experiments.merge",
+            f"--config=configs/merge/{operator}.py:{','.join(arg)}", f"--config.output={output}",
+            f"--config.max_shard_size={_SHARD.value}", "--config.progress=False"]
+
+
+def measure(command: list[str], log: str) -> tuple[float, float]:
+    """(wall seconds, peak RSS in GB) of one subprocess; raises if it fails."""
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{command[0]} failed ({proc.returncode}); see {log}")
+    return wall, usage.ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
+
+
+def max_difference(ours: str, theirs: str) -> tuple[float, float]:
+    """(max |ours - theirs|, max |ours|) over all tensors, in float64."""
+    a, b = ckpt_lib.open_checkpoint(ours), ckpt_lib.open_checkpoint(theirs)
+    try:
+        if set(a.specs) != set(b.specs):
+            raise ValueError(f"different tensor names: {sorted(set(a.specs) ^ set(b.specs))[:3]}")
+        diff = scale = 0.0
+        for name in a.specs:
+            x, y = a.read(name).astype(np.float64), b.read(name).astype(np.float64)
+            if x.shape != y.shape:
+                raise ValueError(f"tensor '{name}': shapes {x.shape} vs {y.shape}")
+            diff, scale = max(diff, float(np.abs(x - y).max())), max(scale, float(np.abs(x).max()))
+        return diff, scale
+    finally:
+        a.close()
+        b.close()
+
+
+def main(argv):
+    del argv
+    shape = llama_shape(_PARAMS.value)
+    n_params = sum(math.prod(s.shape) for s in tensor_specs(shape, np.float32))
+    print(f"synthetic Llama: {n_params / 1e9:.3f}B parameters, {shape}")
+    dtype = np.dtype(st.dtype_from_code({"float32": "F32", "bfloat16": "BF16"}[_DTYPE.value]))
+    paths = write_models(_WORKDIR.value, shape, dtype)
+    rows = []
+    for operator in _OPERATORS.value:
+        ours_out = os.path.join(_WORKDIR.value, f"out_ours_{operator}")
+        kit_out = os.path.join(_WORKDIR.value, f"out_mergekit_{operator}")
+        for out in (ours_out, kit_out):
+            shutil.rmtree(out, ignore_errors=True)
+        row = {"operator": operator}
+        row["ours_s"], row["ours_gb"] = measure(our_command(operator, paths, ours_out),
+                                                ours_out + ".log")
+        if _MERGEKIT.value:
+            recipe = os.path.join(_WORKDIR.value, f"{operator}.yml")
+            with open(recipe, "w") as f:
+                f.write(mergekit_yaml(operator, paths, _DTYPE.value))
+            per_shard = st.parse_size(_SHARD.value) // dtype.itemsize
+            command = [_MERGEKIT.value, recipe, kit_out, "--no-cuda", "--no-copy-tokenizer",
+                       "--no-write-model-card", "--quiet", f"--out-shard-size={per_shard}"]
+            row["kit_s"], row["kit_gb"] = measure(command, kit_out + ".log")
+            row["diff"], row["scale"] = max_difference(ours_out, kit_out)
+        rows.append(row)
+        print(json.dumps(row))
+        if not _KEEP.value:
+            for out in (ours_out, kit_out):
+                shutil.rmtree(out, ignore_errors=True)
+    print_table(rows, n_params)
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump({"params": n_params, "dtype": _DTYPE.value, "rows": rows}, f, indent=2)
+
+
+def print_table(rows, n_params) -> None:
+    print(f"\n{n_params / 1e9:.3f}B params x {_DTYPE.value}; targets: time <= 0.5x, "
+          f"RSS <= mergekit, |diff| <= {_TOLERANCE.value:g} x max|w|")
+    print("| operator | ours s | mergekit s | ratio | ours GB | mergekit GB | max abs diff | "
+          "time | RSS | equal |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "kit_s" not in r:
+            print(f"| {r['operator']} | {r['ours_s']:.1f} | - | - | {r['ours_gb']:.2f} | - | - "
+                  "| - | - | - |")
+            continue
+        ratio = r["ours_s"] / r["kit_s"]
+        verdict = [ratio <= 0.5, r["ours_gb"] <= r["kit_gb"],
+                   r["diff"] <= _TOLERANCE.value * r["scale"]]
+        marks = " | ".join("PASS" if v else "FAIL" for v in verdict)
+        print(f"| {r['operator']} | {r['ours_s']:.1f} | {r['kit_s']:.1f} | {ratio:.2f} | "
+              f"{r['ours_gb']:.2f} | {r['kit_gb']:.2f} | {r['diff']:.2e} | {marks} |")
+
+
+if __name__ == "__main__":
+    app.run(main)
