@@ -8,28 +8,24 @@ underscore are shared helpers, not operators.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable
+
+from cpift_jax import registry
 
 __all__ = ["get", "get_module", "available"]
 
 
 def available() -> list[str]:
     """Sorted names of every operator module in this package."""
-    return sorted(
-        info.name for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_")
-    )
+    return registry.names(__path__)
 
 
 def get_module(name: str):
-    """The operator's module (its docstring, leaf-level helpers and ``merge``)."""
-    names = available()
-    if name not in names:
-        raise ValueError(f"unknown merge operator {name!r}; available: {', '.join(names)}")
-    module = importlib.import_module(f"{__name__}.{name}")
-    if not callable(getattr(module, "merge", None)):
-        raise ValueError(f"merge operator module {module.__name__} defines no merge() function")
+    """The operator's module (its docstring, leaf-level helpers and ``merge``); an unknown
+    name raises ValueError listing the operators."""
+    module = registry.load(__name__, __path__, name, kind="merge operator", required=("merge",))
+    if not callable(module.merge):
+        raise ValueError(f"merge operator module {module.__name__}: merge is not callable")
     return module
 
 

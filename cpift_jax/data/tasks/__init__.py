@@ -17,8 +17,7 @@ bare prompts in to create that interference on purpose.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
+from cpift_jax import registry
 
 __all__ = ["available", "get_module", "DEFAULT_TASKS"]
 
@@ -28,18 +27,10 @@ DEFAULT_TASKS = ("arith", "program", "logic", "strings", "recall")
 
 def available() -> list[str]:
     """Sorted names of every task module in this package."""
-    return sorted(
-        info.name for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_")
-    )
+    return registry.names(__path__)
 
 
 def get_module(name: str):
     """The task's module; an unknown name raises ValueError listing the tasks."""
-    names = available()
-    if name not in names:
-        raise ValueError(f"unknown task {name!r}; available tasks: {', '.join(names)}")
-    module = importlib.import_module(f"{__name__}.{name}")
-    for attr in ("DOMAIN", "TITLE", "answer", "native"):
-        if not hasattr(module, attr):
-            raise ValueError(f"task module {module.__name__} does not define {attr!r}")
-    return module
+    return registry.load(__name__, __path__, name, kind="task",
+                         required=("DOMAIN", "TITLE", "answer", "native"))
