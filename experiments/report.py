@@ -1,0 +1,25 @@
+"""Re-renders a workdir's results.md and plots/*.png from its results.json, without rerunning.
+
+    python -m experiments.report --workdir=DIR
+
+Library: cpift_jax.report (rerender -> write). Prints the paths written, results.md first.
+"""
+
+from absl import app, flags, logging
+
+from cpift_jax import report
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "pipeline workdir holding results.json",
+                               required=True)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.info("re-rendering the report of %s", _WORKDIR.value)
+    for path in report.rerender(_WORKDIR.value):
+        print(path)
+
+
+if __name__ == "__main__":
+    app.run(main)

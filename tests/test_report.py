@@ -1,0 +1,323 @@
+"""Tests for cpift_jax.report / report_schema / plots and the experiments.report binary.
+
+A synthetic results dict (3 tasks, 3 seeds) with hand-picked numbers: the expected cells are
+written out, so a change in formatting, bolding or row order fails here.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cpift_jax import plots, report
+from cpift_jax.report_schema import check_results, core_fraction
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = ["arith", "logic", "recall"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _method(label, block, budget, scores, avg, per_seed_avg):
+    """scores: {task: (mean, std)}; avg: (mean, std); per_seed_avg: one value per seed."""
+    return {
+        "label": label, "block": block, "budget": budget,
+        "per_task": {t: {"mean": m, "std": s} for t, (m, s) in scores.items()},
+        "avg_normalized": {"mean": avg[0], "std": avg[1]},
+        "per_seed": [{"seed": seed, "per_task": {t: m for t, (m, _) in scores.items()},
+                      "avg_normalized": a} for seed, a in zip([0, 1, 2], per_seed_avg)],
+    }
+
+
+def _results():
+    methods = {
+        # Inserted out of the paper's order on purpose: the table must reorder them.
+        "cpift": _method("CPI-FT", "main", "3 stages x 200 steps x 16 seqs",
+                         {"arith": (0.88, 0.01), "logic": (0.55, 0.05), "recall": (0.65, 0.02)},
+                         (0.81, 0.03), [0.78, 0.81, 0.84]),
+        "single_task": _method("Single-task experts", "main", "400 steps x 16 seqs per task",
+                               {"arith": (0.90, 0.01), "logic": (0.80, 0.02),
+                                "recall": (0.75, 0.03)}, (1.0, 0.0), [1.0, 1.0, 1.0]),
+        "my_extra": {**_method("Extra baseline", "main", "100 steps",
+                               {"arith": (0.10, 0.0), "logic": (0.10, 0.0),
+                                "recall": (0.10, 0.0)}, (0.10, 0.0), [0.1, 0.1, 0.1])},
+        "fused_only": _method("Fused only", "main", "no training after fusion",
+                              {"arith": (0.40, 0.10), "logic": (0.62, 0.03),
+                               "recall": (0.30, 0.05)}, (0.45, 0.06), [0.4, 0.45, 0.5]),
+        "multitask_sft": _method("Full multi-task SFT", "main", "1200 steps x 16 seqs",
+                                 {"arith": (0.85, 0.02), "logic": (0.60, 0.04),
+                                  "recall": (0.72, 0.01)}, (0.85, 0.02), [0.83, 0.85, 0.87]),
+        "ablation_tau0": _method("tau = 0 (one group)", "ablation", "as CPI-FT",
+                                 {"arith": (0.70, 0.02), "logic": (0.50, 0.02),
+                                  "recall": (0.60, 0.02)}, (0.70, 0.02), [0.7, 0.7, 0.7]),
+        "ablation_linear": _method("Linear instead of SLERP", "ablation", "as CPI-FT",
+                                   {"arith": (0.75, 0.02), "logic": (0.45, 0.02),
+                                    "recall": (0.58, 0.02)}, (0.72, 0.02), [0.7, 0.72, 0.74]),
+        "merge_ties": _method("TIES", "merge_only", "no training",
+                              {"arith": (0.30, 0.01), "logic": (0.20, 0.01),
+                               "recall": (0.25, 0.01)}, (0.30, 0.01), [0.3, 0.3, 0.3]),
+        "merge_dare": _method("DARE", "merge_only", "no training",
+                              {"arith": (0.32, 0.01), "logic": (0.18, 0.01),
+                               "recall": (0.22, 0.01)}, (0.28, 0.01), [0.28, 0.28, 0.28]),
+    }
+    del methods["my_extra"]["block"]  # no block and no prefix: it belongs to "main"
+    overlap = [[1.0, 0.25, 0.05], [0.25, 1.0, 0.08], [0.05, 0.08, 1.0]]
+    layers = {"embed": 0.02, "0": 0.012, "1": 0.008, "final_norm": 0.0, "head": 0.015}
+    kinds = {"embed": 0.02, "q_proj": 0.011, "k_proj": 0.009, "v_proj": 0.01, "o_proj": 0.01,
+             "gate_proj": 0.012, "up_proj": 0.01, "down_proj": 0.009, "norm": 0.0, "head": 0.015}
+    return {
+        "config": {"cpift": {"core_fraction": 0.01, "tau": 0.1}, "seeds": 3},
+        "timings": {"total_s": 754.3, "stages": {"probe": 120.0, "fusion": 4.25}},
+        "seeds": [0, 1, 2],
+        "tasks": list(TASKS),
+        "chance": {"arith": 0.065, "logic": 0.043, "recall": 0.001},
+        "normalization": "per task (score - chance) / (expert - chance), averaged over tasks.",
+        "methods": methods,
+        "forgetting": {"pair": ["arith", "logic"], "methods": {
+            "multitask_sft": {"label": "Full SFT", "drop_a": {"mean": -0.245, "std": 0.03},
+                              "gain_b": {"mean": 0.134, "std": 0.02}},
+            "multistage_random": {"label": "Multi-stage", "drop_a": {"mean": -0.162, "std": 0.04},
+                                  "gain_b": {"mean": 0.126, "std": 0.03}},
+            "cpift": {"label": "CPI-FT", "drop_a": {"mean": -0.057, "std": 0.01},
+                      "gain_b": {"mean": 0.122, "std": 0.02}}}},
+        "overlap": {"tasks": list(TASKS), "matrix": overlap, "per_seed": [overlap] * 3},
+        "groups": {"per_seed": [[["arith", "logic"], ["recall"]], [["recall"], ["arith", "logic"]],
+                                [["arith"], ["logic"], ["recall"]]]},
+        "core_density": {t: {"by_layer": dict(layers), "by_kind": dict(kinds)} for t in TASKS},
+    }
+
+
+def _section(markdown: str, title: str) -> str:
+    """The text of the '## title...' section up to the next '## '."""
+    start = markdown.index("## " + title)
+    end = markdown.find("\n## ", start + 1)
+    return markdown[start:end if end != -1 else None]
+
+
+def _row(markdown: str, label: str, title: str) -> str:
+    rows = [line for line in _section(markdown, title).splitlines()
+            if line.startswith(f"| {label} |")]
+    assert len(rows) == 1, (label, rows)
+    return rows[0]
+
+
+def test_main_table_cells_bold_and_order():
+    md = report.render_markdown(_results())
+    main = "Main methods"
+    assert _row(md, "CPI-FT", main) == (
+        "| CPI-FT | **88.0 ± 1.0** | 55.0 ± 5.0 | 65.0 ± 2.0 | 0.81 ± 0.03 "
+        "| 3 stages x 200 steps x 16 seqs |")
+    # The experts are the reference: higher on every column, never bold.
+    assert _row(md, "Single-task experts", main) == (
+        "| Single-task experts | 90.0 ± 1.0 | 80.0 ± 2.0 | 75.0 ± 3.0 | 1.00 ± 0.00 "
+        "| 400 steps x 16 seqs per task |")
+    assert _row(md, "Full multi-task SFT", main) == (
+        "| Full multi-task SFT | 85.0 ± 2.0 | 60.0 ± 4.0 | **72.0 ± 1.0** | **0.85 ± 0.02** "
+        "| 1200 steps x 16 seqs |")
+    assert _row(md, "Fused only", main).startswith("| Fused only | 40.0 ± 10.0 | **62.0 ± 3.0** |")
+    header = _section(md, main).splitlines()[2]
+    assert header == "| Method | arith | logic | recall | Avg. norm. | Budget |"
+    # Paper order first (single_task, multitask_sft, fused_only, cpift), then other main keys.
+    section = _section(md, main)
+    positions = [section.index(f"| {label} |") for label in
+                 ("Single-task experts", "Full multi-task SFT", "Fused only", "CPI-FT",
+                  "Extra baseline")]
+    assert positions == sorted(positions)
+    assert "TIES" not in section and "tau = 0" not in section
+
+
+def test_ablation_and_merge_blocks_are_separate_tables_with_bold():
+    md = report.render_markdown(_results())
+    assert _row(md, "Linear instead of SLERP", "Ablations") == (
+        "| Linear instead of SLERP | **75.0 ± 2.0** | 45.0 ± 2.0 | 58.0 ± 2.0 | **0.72 ± 0.02** "
+        "| as CPI-FT |")
+    assert _row(md, "tau = 0 (one group)", "Ablations").startswith(
+        "| tau = 0 (one group) | 70.0 ± 2.0 | **50.0 ± 2.0** | **60.0 ± 2.0** | 0.70 ± 0.02 |")
+    assert _row(md, "DARE", "Merge only") == (
+        "| DARE | **32.0 ± 1.0** | 18.0 ± 1.0 | 22.0 ± 1.0 | 0.28 ± 0.01 | no training |")
+    assert "CPI-FT |" not in _section(md, "Merge only")
+
+
+def test_forgetting_overlap_groups_density_and_setup():
+    md = report.render_markdown(_results())
+    forgetting = _section(md, "Forgetting")
+    assert "| Method | Drop on A (arith) | Gain on B (logic) |" in forgetting
+    assert "| Full SFT | -24.5 ± 3.0 | **+13.4 ± 2.0** |" in forgetting
+    assert "| CPI-FT | **-5.7 ± 1.0** | +12.2 ± 2.0 |" in forgetting
+    overlap = _section(md, "Core overlap")
+    assert "| arith | 1.000 | 0.250 | 0.050 |" in overlap
+    assert "- seed 0: {arith, logic} → {recall} (2 groups)" in overlap
+    assert "- seed 2: {arith} → {logic} → {recall} (3 groups)" in overlap
+    density = _section(md, "Core density")
+    assert "core fraction p = 1.0%" in density
+    assert "| arith | 2.00 | 1.20 | 0.80 | 0.00 | 1.50 |" in density
+    setup = _section(md, "Set-up")
+    assert "- Normalisation: per task (score - chance) / (expert - chance)" in setup
+    assert "- Seeds: 0, 1, 2 (3)" in setup
+    assert "arith 6.5%, logic 4.3%, recall 0.1%" in setup
+    assert "- Total time: 754.3 s (12.6 min)" in setup
+    assert "| probe | 120.0 s (2.0 min) |" in setup and "| fusion | 4.2 s |" in setup
+    assert "(not run)" not in md
+
+
+def _with_avg(cpift, multitask):
+    results = _results()
+    results["methods"]["cpift"]["avg_normalized"] = {"mean": cpift[0], "std": cpift[1]}
+    results["methods"]["multitask_sft"]["avg_normalized"] = {"mean": multitask[0],
+                                                            "std": multitask[1]}
+    return results
+
+
+def test_verdict_sign_both_ways():
+    assert report.verdict(_results()) == (
+        "CPI-FT avg 0.81 ± 0.03 vs Full multi-task SFT 0.85 ± 0.02: CPI-FT is lower by 0.04; "
+        "CPI-FT is higher on 0 of 3 seeds.")
+    higher = _with_avg((0.90, 0.01), (0.85, 0.02))
+    for method, seeds in (("cpift", [0.9, 0.91, 0.84]), ("multitask_sft", [0.85, 0.85, 0.85])):
+        for row, value in zip(higher["methods"][method]["per_seed"], seeds):
+            row["avg_normalized"] = value
+    assert report.verdict(higher) == (
+        "CPI-FT avg 0.90 ± 0.01 vs Full multi-task SFT 0.85 ± 0.02: CPI-FT is higher by 0.05; "
+        "CPI-FT is higher on 2 of 3 seeds.")
+    assert "CPI-FT is higher by 0.01 (within one std over seeds)" in report.verdict(
+        _with_avg((0.86, 0.03), (0.85, 0.02)))
+    assert "are level" in report.verdict(_with_avg((0.851, 0.03), (0.85, 0.02)))
+    # The verdict is also the report's first section.
+    assert report.verdict(_results()) in _section(report.render_markdown(_results()), "Verdict")
+
+
+def test_missing_sections_say_not_run():
+    results = _main_only()
+    del results["timings"]
+    md = report.render_markdown(results)
+    for title in ("Ablations", "Merge only", "Forgetting"):
+        assert _section(md, title).strip().endswith("(not run)"), title
+    assert "Overlap matrix: (not run)" in md and "Groups: (not run)" in md
+    assert _section(md, "Core density").strip().endswith("(not run)")
+    assert "- Timings: (not run)" in md
+    assert "| CPI-FT | **88.0 ± 1.0**" in md  # what is present still renders
+
+    empty = report.render_markdown({})
+    assert _section(empty, "Main methods").strip().endswith("(not run)")
+    assert "(not run): needs both 'cpift' and 'multitask_sft'" in _section(empty, "Verdict")
+
+
+def test_bad_input_names_the_method_or_key(tmp_path):
+    results = _results()
+    del results["methods"]["cpift"]["per_task"]["logic"]
+    with pytest.raises(ValueError, match=r"\['methods'\]\['cpift'\]\['per_task'\] is missing "
+                                         r"task\(s\) 'logic'"):
+        report.render_markdown(results)
+    with pytest.raises(ValueError, match="'cpift'"):
+        report.write(tmp_path, results)
+    assert not (tmp_path / "results.md").exists()  # nothing half-written
+
+    results = _results()
+    results["overlap"]["matrix"] = [[1.0, 0.2], [0.2, 1.0], [0.1, 0.1]]
+    with pytest.raises(ValueError, match=r"results\['overlap'\]\['matrix'\] is 3x2/2/2; "
+                                         r"expected a square 3x3"):
+        report.render_markdown(results)
+    with pytest.raises(ValueError, match=r"\['overlap'\]\['matrix'\]"):
+        plots.overlap_heatmap(results, tmp_path / "o.png")
+
+    results = _results()
+    results["methods"]["merge_ties"]["block"] = "merges"
+    with pytest.raises(ValueError, match=r"\['merge_ties'\]\['block'\] is 'merges'"):
+        report.render_markdown(results)
+    results = _results()
+    results["forgetting"]["methods"]["cpift"]["drop_a"] = {"std": 0.1}
+    with pytest.raises(ValueError, match=r"\['forgetting'\]\['methods'\]\['cpift'\]\['drop_a'\] "
+                                         "has no 'mean'"):
+        report.render_markdown(results)
+    results = _results()
+    del results["overlap"]
+    with pytest.raises(ValueError, match="no 'overlap' section"):
+        plots.overlap_heatmap(results, tmp_path / "o.png")
+
+
+def test_core_fraction_from_config():
+    assert core_fraction({"sweep": {"x": {"core_fraction": 0.05}}, "cpift": {"core_fraction": 0.01}}
+                         ) == 0.01  # the shallowest wins over a nested sweep
+    assert core_fraction({"cpift": {"p": 0.02}}) == 0.02
+    assert core_fraction({"p": 0.03, "tau": 0.1}) == 0.03
+    assert core_fraction({"optimizer": {"p": 0.5}}) is None  # a "p" elsewhere is not the fraction
+    assert core_fraction({}) is None
+    results = _results()
+    results["config"] = {}
+    assert "the core fraction was not found in the config" in report.render_markdown(results)
+
+
+def _check_png(path: Path):
+    import matplotlib.image
+
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, path
+    assert len(data) > 10_000, (path, len(data))
+    pixels = matplotlib.image.imread(path)
+    assert pixels.ndim == 3 and min(pixels.shape[:2]) > 200, (path, pixels.shape)
+    assert float(np.std(pixels[..., :3])) > 0.05, f"{path} looks blank"
+
+
+def test_write_plots_and_links(tmp_path):
+    results = _results()
+    paths = report.write(tmp_path, results)
+    names = sorted(Path(p).name for p in paths)
+    assert names == ["core_density.png", "overlap.png", "results.md", "scores_ablation.png",
+                     "scores_main.png", "scores_merge_only.png"]
+    for p in paths[1:]:
+        assert Path(p).parent == tmp_path / "plots"
+        _check_png(Path(p))
+    md = (tmp_path / "results.md").read_text()
+    assert "![Core overlap (Jaccard)](plots/overlap.png)" in md
+    assert "![Per-task scores, main methods](plots/scores_main.png)" in md
+    assert "![Per-task scores, merge only](plots/scores_merge_only.png)" in md
+    assert "![Core density](plots/core_density.png)" in md
+    assert results == _results()  # the input is not modified
+
+
+def _main_only():
+    """A partial run: main methods only, no ablations, merges, forgetting, overlap or density."""
+    results = _results()
+    for key in ("overlap", "core_density", "forgetting", "groups"):
+        del results[key]
+    for key in ("ablation_tau0", "ablation_linear", "merge_ties", "merge_dare"):
+        del results["methods"][key]
+    return results
+
+
+def test_write_partial_run_draws_only_what_is_present(tmp_path):
+    results = _main_only()
+    paths = report.write(tmp_path, results)
+    assert paths == [str(tmp_path / "results.md"), str(tmp_path / "plots" / "scores_main.png")]
+    md = (tmp_path / "results.md").read_text()
+    assert "![Per-task scores, main methods](plots/scores_main.png)" in md
+    assert "plots/overlap.png" not in md and "plots/scores_ablation.png" not in md
+    assert _section(md, "Ablations").strip().endswith("(not run)")
+
+
+def _run_binary(workdir: Path):
+    return subprocess.run([sys.executable, "-m", "experiments.report", f"--workdir={workdir}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_binary_rerenders_from_results_json(tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps(_main_only()))
+    proc = _run_binary(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == [str(tmp_path / "results.md"),
+                                   str(tmp_path / "plots" / "scores_main.png")]
+    assert (tmp_path / "results.md").read_text() == report.render_markdown(
+        _main_only(), {"scores_main": "plots/scores_main.png"})
+    _check_png(tmp_path / "plots" / "scores_main.png")
+
+
+def test_binary_without_results_json_fails_clearly(tmp_path):
+    proc = _run_binary(tmp_path)
+    assert proc.returncode != 0
+    assert f"no results.json in workdir {tmp_path}" in proc.stderr
+    with pytest.raises(ValueError, match="corrupted"):
+        (tmp_path / "results.json").write_text("{not json")
+        report.rerender(tmp_path)
+    check_results(_results())  # the fixture itself is valid
