@@ -59,6 +59,18 @@ def test_load_matches_transformers_logits(name, tmp_path):
     config, params = hf.load(tmp_path)
     assert config.model_type == name.split("_")[0]
     assert config.tie_word_embeddings == (name == "llama_tied")
+    attn = params["model"]["layers"][0]["self_attn"]
+    qkv_bias, o_bias = {"llama": (True, True), "qwen2": (True, False)}.get(name, (False, False))
+    assert [("bias" in attn[p]) for p in ("q_proj", "k_proj", "v_proj", "o_proj")] == \
+        [qkv_bias] * 3 + [o_bias]
+    assert_logits_match(models.logits(config, params, jnp.asarray(TOKENS)), torch_logits(model))
+
+
+def test_load_reads_a_checkpoint_sharded_by_transformers(tmp_path):
+    model = torch_model("qwen2")
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / hf.INDEX_FILE).exists() and not (tmp_path / hf.SINGLE_FILE).exists()
+    config, params = hf.load(tmp_path)
     assert_logits_match(models.logits(config, params, jnp.asarray(TOKENS)), torch_logits(model))
 
 
@@ -98,10 +110,33 @@ def test_bf16_params_round_trip_bit_exact(tmp_path):
     assert loaded_config == config
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  loaded, params)
+    # transformers reads it back as bf16 with the same bits.
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.dtype == torch.bfloat16
+    embed = reloaded.model.embed_tokens.weight.detach().float().numpy()
+    np.testing.assert_array_equal(embed, np.asarray(params["model"]["embed_tokens"]["embedding"],
+                                                    np.float32))
     # param_dtype override: a bf16 checkpoint loaded as float32.
     c32, p32 = hf.load(tmp_path, param_dtype="float32")
     assert c32.param_dtype == "float32"
     assert {x.dtype for x in jax.tree.leaves(p32)} == {jnp.dtype(jnp.float32)}
+
+
+def test_bf16_transformers_checkpoint_loads_as_bf16_params_by_config(tmp_path):
+    model = torch_model("mistral").to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    config, params = hf.load(tmp_path)
+    assert config.param_dtype == "bfloat16"
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    ref = model.model.layers[1].mlp.down_proj.weight.detach().float().numpy()
+    np.testing.assert_array_equal(
+        np.asarray(params["model"]["layers"][1]["mlp"]["down_proj"]["kernel"], np.float32), ref.T)
+    ours = np.asarray(models.logits(config, params, jnp.asarray(TOKENS)))
+    assert ours.dtype == np.float32
+    # bf16 arithmetic on both sides (different rounding order): compare loosely.
+    with torch.no_grad():
+        ref_logits = model(torch.as_tensor(TOKENS)).logits.float().numpy()
+    assert np.abs(ours - ref_logits).max() <= 0.1 * np.abs(ref_logits).max()
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -10,8 +10,8 @@ The cache lives in ``$CPIFT_CACHE/smollm2`` (default ``~/.cache/cpift_jax/smollm
 
     config, params, tokenizer = smollm2.load()
 
-loads it like any HF checkpoint. ``python -m cpift_jax.models.smollm2 --prompt "..."`` prints a
-greedy completion.
+loads it like any HF checkpoint. ``python -m cpift_jax.models.smollm2 --prompt "..." [--chat]``
+prints a greedy completion (``--chat`` applies the tokenizer's chat template).
 """
 
 from __future__ import annotations
@@ -114,14 +114,22 @@ def load(cache: str | None = None, *, param_dtype: str = "float32"):
     return config, params, tokenizer
 
 
-def complete(prompt: str, max_new_tokens: int = 20, cache: str | None = None) -> str:
-    """Greedy completion of ``prompt`` (raw text, no chat template), stopping at EOS."""
+def complete(prompt: str, max_new_tokens: int = 20, cache: str | None = None, *,
+             chat: bool = False) -> str:
+    """Greedy completion of ``prompt``, stopping at EOS.
+
+    ``chat=False`` continues the raw text; ``chat=True`` wraps it as one user turn with the
+    tokenizer's chat template (system prompt included) and returns the assistant's reply.
+    """
     import jax.numpy as jnp
     import numpy as np
 
     from cpift_jax.models.generate import generate
 
     config, params, tokenizer = load(cache)
+    if chat:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                               tokenize=False, add_generation_prompt=True)
     ids = tokenizer(prompt, return_tensors="np")["input_ids"]
     new = generate(config, params, jnp.asarray(ids), jnp.asarray([ids.shape[1]]), max_new_tokens,
                    eos_id=config.eos_token_ids)
@@ -135,6 +143,8 @@ def main(argv=None) -> None:
     parser.add_argument("--cache", default=None, help="cache directory (default: %(default)s -> "
                         "$CPIFT_CACHE/smollm2 or ~/.cache/cpift_jax/smollm2)")
     parser.add_argument("--prompt", default=None, help="print the greedy completion of PROMPT")
+    parser.add_argument("--chat", action="store_true",
+                        help="wrap PROMPT in the chat template and print only the reply")
     parser.add_argument("--max_new_tokens", type=int, default=20)
     args = parser.parse_args(argv)
     if not args.fetch and args.prompt is None:
@@ -142,7 +152,8 @@ def main(argv=None) -> None:
     if args.fetch:
         print(fetch(args.cache))
     if args.prompt is not None:
-        print(args.prompt + complete(args.prompt, args.max_new_tokens, args.cache))
+        completion = complete(args.prompt, args.max_new_tokens, args.cache, chat=args.chat)
+        print(completion if args.chat else args.prompt + completion)
 
 
 if __name__ == "__main__":
