@@ -1,8 +1,13 @@
 """A self-contained walk through the CPI-FT operators on a synthetic pytree.
 
 Each "task model" is the base plus small dense noise plus a large update on a planted region
-that it shares with the other tasks of its pair, so the expected clusters are known in advance.
-The demo checks, and prints, that the operators recover them.
+that it shares with the other tasks of its group (``tasks_per_region`` tasks per region), so
+the expected clusters are known in advance. ``run`` checks, and reports, that
+
+- ``clusters``: clustering at ``tau`` recovers exactly the planted groups;
+- ``transplant``: every task's exclusive core entries appear unchanged in the fused model;
+- ``frozen``: AdamW steps (``config.optimizer``, weight decay on) leave the frozen core union
+  bit-identical.
 """
 
 from __future__ import annotations
@@ -53,10 +58,17 @@ def _unflatten_like(flat, leaves, treedef):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _frozen_stays_identical(params, frozen, steps: int, seed: int) -> bool:
-    """AdamW with weight decay on random gradients must not move a frozen entry by one bit."""
-    opt_config = optim.default_config()
-    opt_config.total_steps = steps
+def planted_groups(config) -> list[list[int]]:
+    """The task groups that share a planted core region: [[0, 1], [2, 3], ...]."""
+    size = config.tasks_per_region
+    return [list(range(start, min(start + size, config.num_tasks)))
+            for start in range(0, config.num_tasks, size)]
+
+
+def _frozen_stays_identical(params, frozen, opt_config, seed: int) -> bool:
+    """AdamW with weight decay on random gradients must not move a frozen entry by one bit
+    (and must move the others, or the check would pass vacuously)."""
+    steps = opt_config.total_steps
     optimizer = optim.make(opt_config, frozen=frozen)
     state = optimizer.init(params)
     key = jax.random.PRNGKey(seed)
@@ -75,7 +87,13 @@ def _frozen_stays_identical(params, frozen, steps: int, seed: int) -> bool:
         before, after, mask = np.asarray(before), np.asarray(after), np.asarray(mask)
         return np.array_equal(before.view(np.uint32)[mask], after.view(np.uint32)[mask])
 
-    return all(jax.tree.leaves(jax.tree.map(same_where_frozen, params, current, frozen)))
+    def moved_elsewhere(before, after, mask):
+        free = ~np.asarray(mask)
+        return bool(np.any(np.asarray(before)[free] != np.asarray(after)[free]))
+
+    kept = all(jax.tree.leaves(jax.tree.map(same_where_frozen, params, current, frozen)))
+    moved = any(jax.tree.leaves(jax.tree.map(moved_elsewhere, params, current, frozen)))
+    return kept and moved
 
 
 def _exclusive_core_kept(fused, task_model, core, task: int) -> bool:
@@ -89,8 +107,8 @@ def _exclusive_core_kept(fused, task_model, core, task: int) -> bool:
     return all(jax.tree.leaves(jax.tree.map(leaf_ok, fused, task_model, core[task], *others)))
 
 
-def run(config) -> str:
-    """Runs the demo and returns a printable report."""
+def run(config) -> tuple[str, dict[str, bool]]:
+    """Runs the demo; returns a printable report and the checks (module docstring) by name."""
     base, tuned = synthetic_models(config)
     lines = [f"toy model: {tree_lib.num_params(base):,} parameters, {len(tuned)} task models"]
 
@@ -105,6 +123,7 @@ def run(config) -> str:
     groups = clustering.cluster_tasks(overlap, config.tau)
     stages = clustering.order_stages(groups, config.stage_order, config.seed)
     lines.append(f"clusters at tau={config.tau:g}: {groups}; stage order: {stages}")
+    checks = {"clusters": sorted(map(sorted, groups)) == planted_groups(config)}
 
     fused, report = fusion.fuse(
         base, tuned, core, merge=config.merge, overlap=config.overlap
@@ -114,10 +133,20 @@ def run(config) -> str:
         _exclusive_core_kept(fused, task_model, core, i) for i, task_model in enumerate(tuned)
     ]
     lines.append(f"each task's exclusive core entries transplanted unchanged: {exclusive_kept}")
+    checks["transplant"] = all(exclusive_kept)
 
     union = jax.tree.map(lambda *ms: np.logical_or.reduce(ms), *core)
-    ok = _frozen_stays_identical(fused, union, config.optimizer_steps, config.seed)
+    checks["frozen"] = _frozen_stays_identical(fused, union, config.optimizer, config.seed)
     lines.append(
-        f"{config.optimizer_steps} AdamW steps with all cores frozen: frozen entries bit-identical = {ok}"
+        f"{config.optimizer.total_steps} AdamW steps (weight decay "
+        f"{config.optimizer.weight_decay:g}) with all cores frozen: frozen entries bit-identical "
+        f"and the others trained = {checks['frozen']}"
     )
-    return "\n".join(lines)
+    expected = {
+        "clusters": f"clusters == planted groups {planted_groups(config)}",
+        "transplant": "exclusive core entries transplanted unchanged",
+        "frozen": "frozen entries bit-identical, the others trained",
+    }
+    lines.append("checks:")
+    lines += [f"  {'PASS' if ok else 'FAIL'}  {expected[name]}" for name, ok in checks.items()]
+    return "\n".join(lines), checks

@@ -127,15 +127,29 @@ def _stats(b2, xs2, ms2, *, plan: _Plan):
     if plan.slerp:
         z = [jnp.where(union, 0.0, x) for x in xf]
         floats = [z[i] * z[j] for i, j in pairs]
+    # Every count is one more output of the fused reduction, so counts that follow from others
+    # are derived after it: with two tasks |U| = |C_0| + |C_1| - |C_0 & C_1| and the entries in
+    # >= 2 cores are C_0 & C_1; task 0 wins the entries of U no other task wins.
     as_int = lambda m: m.astype(jnp.int32)  # noqa: E731
-    in_cores = sum(as_int(m) for m in ms2)
-    ints = [as_int(ms2[i] & ms2[j]) for i, j in pairs] + [as_int(in_cores >= 1), as_int(in_cores >= 2)]
+    ints = [as_int(ms2[i] & ms2[j]) for i, j in pairs]
+    if n > 2:
+        in_cores = sum(as_int(m) for m in ms2)
+        ints += [as_int(in_cores >= 1), as_int(in_cores >= 2)]
     if plan.rule != "mean":
         _, winner = _core_choice(bf, xf, ms2, plan.rule)
-        ints += [as_int(winner == i) for i in range(n)]
+        ints += [as_int(winner == i) for i in range(1, n)]
 
     sums = _row_sums(floats + ints)
-    counts = jnp.stack([jnp.sum(s) for s in sums[len(floats):]])
+    totals = [jnp.sum(s) for s in sums[len(floats):]]
+    p, rest = totals[: len(pairs)], totals[len(pairs):]
+    if n == 1:
+        union_multi = [p[0], jnp.zeros_like(p[0])]
+    elif n == 2:
+        union_multi = [p[0] + p[2] - p[1], p[1]]
+    else:
+        union_multi, rest = rest[:2], rest[2:]
+    winners = [union_multi[0] - sum(rest, jnp.zeros_like(p[0]))] + rest if plan.rule != "mean" else []
+    counts = jnp.stack(p + union_multi + winners)
     gram = None
     if plan.slerp:
         index = {pair: k for k, pair in enumerate(pairs)}
@@ -268,8 +282,8 @@ def _slerp_settings(merge_kwargs: dict, n: int, paths: list[str]):
     if opts["granularity"] not in slerp_lib.GRANULARITIES:
         raise ValueError(f"granularity must be one of {slerp_lib.GRANULARITIES}, got {opts['granularity']!r}")
     schedule = slerp_lib.fold_schedule(n, paths, t=opts["t"], weights=opts["weights"])
-    steps = [jnp.asarray(jnp.stack([jnp.asarray(t, jnp.float32) for t in ts]) if ts else jnp.zeros((0,)), jnp.float32)
-             for ts in schedule]
+    # NumPy, not jnp: eager jnp ops cost ~1 ms of dispatch per leaf, more than a small leaf's kernel.
+    steps = [np.asarray([np.float32(t) for t in ts], np.float32) for ts in schedule]
     return opts["granularity"], float(opts["eps"]), float(opts["dot_threshold"]), steps
 
 

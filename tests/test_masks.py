@@ -229,6 +229,16 @@ def test_core_mask_all_equal_deltas_takes_the_earliest_entries():
     np.testing.assert_array_equal(m["z"], [0, 0, 0])
 
 
+def test_core_mask_leaf_scope_ties_take_the_earliest_entries_of_each_leaf():
+    base = {"p": jnp.zeros(4), "q": jnp.zeros((2, 2))}
+    tuned = {"p": jnp.array([1.0, 3.0, 1.0, 1.0]), "q": jnp.array([[2.0, 2.0], [2.0, 2.0]])}
+    # scope="leaf", k = floor(0.5 * 4) = 2 per leaf: p takes the 3 then the first tied 1;
+    # q (all tied) takes its first two entries in row-major order.
+    m = _as_np(masks.core_mask(base, tuned, 0.5, scope="leaf"))
+    np.testing.assert_array_equal(m["p"], [1, 1, 0, 0])
+    np.testing.assert_array_equal(m["q"], [[1, 1], [0, 0]])
+
+
 def test_core_mask_ties_cut_inside_a_later_leaf():
     base = {"p": jnp.zeros(3), "q": jnp.zeros((2, 3))}
     tuned = {"p": jnp.array([9.0, 1.0, 2.0]), "q": jnp.array([[2.0, 0.0, 2.0], [2.0, 5.0, 2.0]])}
@@ -326,6 +336,9 @@ def test_core_mask_properties(tiny_host_constants, deltas, fraction):
         ((0.0,), {}, r"fraction must be in \(0, 1\]"),
         ((1.5,), {}, r"fraction must be in \(0, 1\]"),
         ((-0.1,), {}, r"fraction must be in \(0, 1\]"),
+        ((float("nan"),), {}, r"fraction must be in \(0, 1\]"),
+        ((float("inf"),), {}, r"fraction must be in \(0, 1\]"),
+        ((1.0000001,), {}, r"fraction must be in \(0, 1\]"),
         ((True,), {}, "fraction must be a number"),
         (("0.1",), {}, "fraction must be a number"),
         ((0.5, "layer"), {}, "scope must be one of"),
@@ -344,6 +357,8 @@ def test_core_mask_structure_errors_name_the_leaf():
     base, tuned = _two_leaves()
     with pytest.raises(ValueError, match="leaf 'b' is in base but missing from tuned"):
         masks.core_mask(base, {"a": tuned["a"]}, 0.5)
+    with pytest.raises(ValueError, match="leaf 'c' is in tuned but missing from base"):
+        masks.core_mask(base, dict(tuned, c=jnp.zeros(2)), 0.5)
     with pytest.raises(ValueError, match="leaf 'b': base has shape"):
         masks.core_mask(base, {"a": tuned["a"], "b": jnp.zeros(5)}, 0.5)
     with pytest.raises(ValueError, match="leaf 'b': base has dtype float32, tuned has dtype bfloat16"):
