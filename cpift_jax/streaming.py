@@ -6,8 +6,10 @@
 
 For every tensor name, in the reference checkpoint's storage order: read that tensor from each
 model (and the base), merge it with ``cpift_jax.merges.get(operator)`` applied to one-leaf
-pytrees, append the result to the current output shard, drop every reference. Peak memory is
-about (number of models + 2) x the largest tensor, plus the operator's float32 temporaries,
+pytrees, append the result to the current output shard, drop every reference; the next
+tensor's inputs are read, and the previous result written, in background threads meanwhile.
+Peak memory is about 2 x (number of models + 2) times the largest tensor, plus the operator's
+float32 temporaries,
 whatever the model size: inputs are ``pread`` (nothing memory-mapped) and shards are written as
 their tensors arrive (``cpift_jax.io.safetensors_io``), so not even one shard is held.
 
@@ -32,8 +34,10 @@ draws its own mask and the result is reproducible from ``params.seed``. Per-tens
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import inspect
 import json
 import logging
 import os
@@ -79,8 +83,10 @@ class MergeResult:
     copied_files: tuple[str, ...]
 
 
-def _operator_call(merge_fn, hp: Mapping[str, Any], cast, inputs, base):
+def _operator_call(merge_fn, hp: Mapping[str, Any], cast, inputs, base, traced_hp=None):
     """The operator on one tensor: one-leaf pytrees in, the merged array out."""
+    if traced_hp:
+        hp = {**hp, **traced_hp}
     if cast is not None:
         inputs = [x.astype(cast) for x in inputs]
         base = None if base is None else base.astype(cast)
@@ -103,6 +109,10 @@ class TensorMerger:
         self.execution = execution
         self._jitted: dict[tuple, Any] = {}
         self._signatures: set[tuple] = set()
+        # Float hyperparameters go in as traced scalars, so a layer gradient of t compiles once
+        # per shape instead of once per layer; operators that need them as Python numbers
+        # (a top-k count from a density) fail to trace and are then compiled per value.
+        self._trace_floats = True
 
     @property
     def compilations(self) -> int:
@@ -123,17 +133,33 @@ class TensorMerger:
         return np.asarray(_operator_call(self.merge_fn, hp, cast, inputs, base))
 
     def _jit_call(self, inputs, base, hp, cast):
-        key = (tuple(sorted(hp.items())), None if cast is None else np.dtype(cast).name)
+        if self._trace_floats:
+            traced = {k: v for k, v in hp.items() if isinstance(v, float)}
+            try:
+                return self._jit_call_split(inputs, base, hp, traced, cast)
+            except (TypeError, ValueError, *_TRACE_ERRORS):
+                # The dry run already validated these values eagerly, so the failure comes from
+                # tracing them; compile them in as constants from now on.
+                self._trace_floats = False
+                self._jitted.clear()
+                self._signatures.clear()
+        return self._jit_call_split(inputs, base, hp, {}, cast)
+
+    def _jit_call_split(self, inputs, base, hp, traced, cast):
+        static = {k: v for k, v in hp.items() if k not in traced}
+        key = (tuple(sorted(static.items())), tuple(sorted(traced)),
+               None if cast is None else np.dtype(cast).name)
         fn = self._jitted.get(key)
         if fn is None:
-            fn = jax.jit(functools.partial(_operator_call, self.merge_fn, dict(hp), cast),
+            fn = jax.jit(functools.partial(_operator_call, self.merge_fn, static, cast),
                          donate_argnums=(0, 1))
             self._jitted[key] = fn
         self._signatures.add(key + tuple((x.shape, str(x.dtype)) for x in inputs))
+        values = {k: np.float32(v) for k, v in traced.items()}
         with warnings.catch_warnings():
             # Only one input buffer can become the output; the others are freed, not reused.
             warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-            return np.asarray(fn(list(inputs), base))
+            return np.asarray(fn(list(inputs), base, values))
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -286,9 +312,12 @@ def _dry_run(merger, plans, hps, n_models, has_base, cast) -> None:
     """Runs the operator eagerly on tiny arrays once per distinct hyperparameter set, so that a
     bad value in a rule that only matches late tensors fails now, naming the first tensor."""
     seen = set()
+    # An operator whose *default* scope is global (cpi) must be refused too, not run per tensor.
+    scope = inspect.signature(merger.merge_fn).parameters.get("scope")
+    default_scope = None if scope is None else scope.default
     for plan in plans:
         hp = hps[plan.name]
-        if hp.get("scope") == "global":
+        if hp.get("scope", default_scope) == "global":
             raise ValueError(f"tensor '{plan.name}': scope='global' ranks the whole model at "
                              "once and cannot stream tensor by tensor; use scope='leaf'")
         key = (tuple(sorted(hp.items())), len(plan.out.shape), plan.mergeable)
@@ -312,12 +341,24 @@ def _stream(merger, plans, hps, sources, base_source, cast, writer, progress) ->
     total = sum(p.out.nbytes for p in plans)
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
                desc="merging", dynamic_ncols=True)
-    with bar:
+    def load(plan):
+        inputs = _read_inputs(sources, plan.name, plan.rows)
+        base = None
+        if base_source is not None:
+            base = _read_inputs([base_source], plan.name, plan.rows)[0]
+        return inputs, base
+
+    # The next tensor is read, and the previous one written, while this one merges: reads are
+    # positional (pread), and file I/O and XLA release the GIL, so disk and compute overlap.
+    # This holds one more set of inputs and one more output in memory.
+    executor = concurrent.futures.ThreadPoolExecutor
+    with bar, executor(1, thread_name_prefix="prefetch") as pool, \
+            executor(1, thread_name_prefix="write") as write_pool:
+        pending = pool.submit(load, plans[0]) if plans else None
+        writing = None
         for i, plan in enumerate(plans):
-            inputs = _read_inputs(sources, plan.name, plan.rows)
-            base = None
-            if base_source is not None:
-                base = _read_inputs([base_source], plan.name, plan.rows)[0]
+            inputs, base = pending.result()
+            pending = pool.submit(load, plans[i + 1]) if i + 1 < len(plans) else None
             if plan.mergeable:
                 merged = merger(inputs, base, hps[plan.name], cast)
             else:
@@ -325,10 +366,14 @@ def _stream(merger, plans, hps, sources, base_source, cast, writer, progress) ->
             del inputs, base
             if merged.dtype != plan.out.dtype:
                 merged = merged.astype(plan.out.dtype)
-            writer.write(plan.name, merged)
+            if writing is not None:
+                writing.result()  # one write in flight: shards stay in order, memory bounded
+            writing = write_pool.submit(writer.write, plan.name, merged)
             del merged
             bar.update(plan.out.nbytes)
             bar.set_postfix_str(f"{i + 1}/{len(plans)} tensors", refresh=False)
+        if writing is not None:
+            writing.result()
 
 
 def _copy_if_equal(name, inputs, base, sources, base_source):

@@ -1,8 +1,9 @@
 """Streaming merge vs mergekit on synthetic Llama checkpoints: wall time, peak RSS, max |diff|.
 
     # once: mergekit in its own virtualenv (torch pinned: the local CPU wheel, no CUDA download)
-    python3 -m venv /tmp/mergekit-venv && \
-        /tmp/mergekit-venv/bin/pip install torch==2.13.0 mergekit==0.1.5
+    python -m experiments.bench_merge --setup_mergekit     # or, by hand:
+    #   python3 -m venv .cache/mergekit-venv && \
+    #       .cache/mergekit-venv/bin/pip install torch==2.13.0 mergekit==0.1.5
     python -m experiments.bench_merge                      # 3 x ~1B float32 params (~40 GB disk)
     python -m experiments.bench_merge --params=50e6        # quick (~2 minutes)
 
@@ -10,18 +11,24 @@ Writes a base and 3 fine-tune-like models (base + small noise) of ``--params`` p
 (Llama layout, ``config.json`` with model_type llama, safetensors) under ``--workdir`` (reused
 when the spec matches), then for each operator runs ``python -m experiments.merge`` with the
 recipe in configs/merge/ and ``mergekit-yaml`` with the equivalent YAML, each as its own
-subprocess (wall time; peak RSS from ``wait4``'s rusage), ours first (whatever the page cache
-keeps helps the run after it, i.e. mergekit), and compares the two outputs tensor by tensor.
+subprocess (wall time; peak RSS from ``wait4``'s rusage), and compares the two outputs tensor by
+tensor. Before each timed run its input files are read once (``--warm_cache``), so neither tool
+gains from the other's reads (without it, whichever runs second finds the inputs cached).
 Both compute in float32 (mergekit's ``dtype: float32``) and store ``--dtype``.
 
 Recipes: linear = equal-weight mean of the 3 models; slerp = models 0 and 1 (mergekit's slerp
 takes exactly two) with the layer-gradient t of configs/merge/slerp.py; ties = base + 3 models,
 density 0.5, weights 1, lambda 1. Targets: our peak RSS <= mergekit's, our wall time <= 0.5x,
 max |diff| at float32 rounding (``--tolerance``, relative to the largest |weight|).
-Known semantic differences (none shows on this data): TIES keeps round(density * n) entries
-per tensor, mergekit int(density * n) (equal here: every n is even), ties at the threshold are
-all kept by us; a tied sign vote merges to the base with us, mergekit elects +; our SLERP
-accumulates <a, b> as row sums then a sum, mergekit as one NumPy sum (rounding only).
+Known semantic differences: TIES keeps round(density * n) entries per tensor, mergekit
+max(1, int(density * n)) (equal here: every n is even); entries whose |delta| equals the
+threshold are all kept by us, while mergekit's argsort keeps exactly k of them in an
+unspecified order. Float32 deltas of millions of entries do repeat values, so on this data a
+handful of embedding / head entries (7 of 8M at 8M parameters) differ by one model's delta
+(~1e-3): counted in the "entries differing" column, not rounding. A tied sign vote merges to
+the base with us, mergekit elects + (no effect: the disjoint mean is then over nobody).
+Our SLERP accumulates <a, b> in float32 as row sums then a sum, mergekit as one torch sum
+(rounding only).
 """
 
 from __future__ import annotations
@@ -44,14 +51,23 @@ _PARAMS = flags.DEFINE_float("params", 1e9, "parameters per synthetic model")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "checkpoint dtype")
 _OPERATORS = flags.DEFINE_list("operators", ["linear", "slerp", "ties"], "operators to run")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/bench_merge", "synthetic checkpoints + outputs")
-_MERGEKIT = flags.DEFINE_string("mergekit", "/tmp/mergekit-venv/bin/mergekit-yaml",
-                                "mergekit-yaml executable ('' skips mergekit)")
+_MERGEKIT = flags.DEFINE_string("mergekit", ".cache/mergekit-venv/bin/mergekit-yaml",
+                                "mergekit-yaml executable, relative to the repository root "
+                                "('' skips mergekit)")
+_SETUP = flags.DEFINE_bool("setup_mergekit", False,
+                           "create the mergekit virtualenv (MERGEKIT_INSTALL) and exit")
 _SHARD = flags.DEFINE_string("max_shard_size", "2GB", "output shard size for both tools")
 _TOLERANCE = flags.DEFINE_float("tolerance", 1e-5, "max |diff| / max |weight| counted as equal")
 _KEEP = flags.DEFINE_bool("keep", False, "keep the merged outputs")
+_WARM = flags.DEFINE_bool("warm_cache", True, "read a run's input files once before timing it, "
+                          "so both tools start from the same page cache")
 _JSON = flags.DEFINE_string("json", "", "also write the results here")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MERGEKIT_VENV = os.path.join(REPO, ".cache", "mergekit-venv")
+# mergekit 0.1.5 is the newest on PyPI; its dependencies install from PyPI alone (it fetches
+# nothing from a model hub for local paths). torch is pinned to the version of our own venv.
+MERGEKIT_INSTALL = ("torch==2.13.0", "mergekit==0.1.5")
 VOCAB = 32000
 NOISE = 0.1  # fine-tune deltas: NOISE x the base's scale
 
@@ -144,9 +160,22 @@ def mergekit_yaml(operator: str, paths: list[str], dtype: str) -> str:
     raise ValueError(f"no mergekit recipe for {operator!r}")
 
 
-def our_command(operator: str, paths: list[str], output: str) -> list[str]:
+def inputs_of(operator: str, paths: list[str]) -> list[str]:
     base, models = paths[0], paths[1:]
-    arg = {"linear": models, "slerp": models[:2], "ties": [base] + models}[operator]
+    return {"linear": models, "slerp": models[:2], "ties": [base] + models}[operator]
+
+
+def warm_cache(directories: list[str]) -> None:
+    """Reads every file of ``directories`` once (into the page cache, not into this process)."""
+    for directory in directories:
+        for name in sorted(os.listdir(directory)):
+            with open(os.path.join(directory, name), "rb", buffering=0) as f:
+                while f.read(64 << 20):
+                    pass
+
+
+def our_command(operator: str, paths: list[str], output: str) -> list[str]:
+    arg = inputs_of(operator, paths)
     return [sys.executable, "-m", "experiments.merge",
             f"--config=configs/merge/{operator}.py:{','.join(arg)}", f"--config.output={output}",
             f"--config.max_shard_size={_SHARD.value}", "--config.progress=False"]
@@ -165,26 +194,40 @@ def measure(command: list[str], log: str) -> tuple[float, float]:
     return wall, usage.ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
 
 
-def max_difference(ours: str, theirs: str) -> tuple[float, float]:
-    """(max |ours - theirs|, max |ours|) over all tensors, in float64."""
+def max_difference(ours: str, theirs: str, tolerance: float) -> tuple[float, float, int]:
+    """(max |ours - theirs|, max |ours|, entries differing by more than tolerance x max |ours|)
+    over all tensors, in float64."""
     a, b = ckpt_lib.open_checkpoint(ours), ckpt_lib.open_checkpoint(theirs)
     try:
         if set(a.specs) != set(b.specs):
             raise ValueError(f"different tensor names: {sorted(set(a.specs) ^ set(b.specs))[:3]}")
-        diff = scale = 0.0
+        scale = max(float(np.abs(a.read(name)).max()) for name in a.specs)
+        diff, count = 0.0, 0
         for name in a.specs:
             x, y = a.read(name).astype(np.float64), b.read(name).astype(np.float64)
             if x.shape != y.shape:
                 raise ValueError(f"tensor '{name}': shapes {x.shape} vs {y.shape}")
-            diff, scale = max(diff, float(np.abs(x - y).max())), max(scale, float(np.abs(x).max()))
-        return diff, scale
+            d = np.abs(x - y)
+            diff, count = max(diff, float(d.max())), count + int((d > tolerance * scale).sum())
+        return diff, scale, count
     finally:
         a.close()
         b.close()
 
 
+def setup_mergekit() -> None:
+    subprocess.run(["python3", "-m", "venv",
+                    MERGEKIT_VENV], check=True)
+    subprocess.run([os.path.join(MERGEKIT_VENV, "bin", "pip"), "install", *MERGEKIT_INSTALL],
+                   check=True)
+    print(f"mergekit installed in {MERGEKIT_VENV}")
+
+
 def main(argv):
     del argv
+    if _SETUP.value:
+        setup_mergekit()
+        return
     shape = llama_shape(_PARAMS.value)
     n_params = sum(math.prod(s.shape) for s in tensor_specs(shape, np.float32))
     print(f"synthetic Llama: {n_params / 1e9:.3f}B parameters, {shape}")
@@ -197,6 +240,8 @@ def main(argv):
         for out in (ours_out, kit_out):
             shutil.rmtree(out, ignore_errors=True)
         row = {"operator": operator}
+        if _WARM.value:
+            warm_cache(inputs_of(operator, paths))
         row["ours_s"], row["ours_gb"] = measure(our_command(operator, paths, ours_out),
                                                 ours_out + ".log")
         if _MERGEKIT.value:
@@ -204,10 +249,13 @@ def main(argv):
             with open(recipe, "w") as f:
                 f.write(mergekit_yaml(operator, paths, _DTYPE.value))
             per_shard = st.parse_size(_SHARD.value) // dtype.itemsize
-            command = [_MERGEKIT.value, recipe, kit_out, "--no-cuda", "--no-copy-tokenizer",
+            if _WARM.value:
+                warm_cache(inputs_of(operator, paths))
+            command = [os.path.join(REPO, _MERGEKIT.value), recipe, kit_out, "--no-cuda", "--no-copy-tokenizer",
                        "--no-write-model-card", "--quiet", f"--out-shard-size={per_shard}"]
             row["kit_s"], row["kit_gb"] = measure(command, kit_out + ".log")
-            row["diff"], row["scale"] = max_difference(ours_out, kit_out)
+            row["diff"], row["scale"], row["n_differ"] = max_difference(
+                ours_out, kit_out, _TOLERANCE.value)
         rows.append(row)
         print(json.dumps(row))
         if not _KEEP.value:
@@ -223,19 +271,20 @@ def print_table(rows, n_params) -> None:
     print(f"\n{n_params / 1e9:.3f}B params x {_DTYPE.value}; targets: time <= 0.5x, "
           f"RSS <= mergekit, |diff| <= {_TOLERANCE.value:g} x max|w|")
     print("| operator | ours s | mergekit s | ratio | ours GB | mergekit GB | max abs diff | "
-          "time | RSS | equal |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "entries differing | time | RSS | equal |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "kit_s" not in r:
             print(f"| {r['operator']} | {r['ours_s']:.1f} | - | - | {r['ours_gb']:.2f} | - | - "
-                  "| - | - | - |")
+                  "| - | - | - | - |")
             continue
         ratio = r["ours_s"] / r["kit_s"]
         verdict = [ratio <= 0.5, r["ours_gb"] <= r["kit_gb"],
                    r["diff"] <= _TOLERANCE.value * r["scale"]]
         marks = " | ".join("PASS" if v else "FAIL" for v in verdict)
         print(f"| {r['operator']} | {r['ours_s']:.1f} | {r['kit_s']:.1f} | {ratio:.2f} | "
-              f"{r['ours_gb']:.2f} | {r['kit_gb']:.2f} | {r['diff']:.2e} | {marks} |")
+              f"{r['ours_gb']:.2f} | {r['kit_gb']:.2f} | {r['diff']:.2e} | "
+              f"{r['n_differ']} | {marks} |")
 
 
 if __name__ == "__main__":

@@ -12,12 +12,19 @@ exists. A module tells this test what applies to it through optional module attr
     PER_LEAF_HPARAMS = ()          # names that also accept a pytree of per-leaf scalars
     INTERPOLATION_ENDPOINTS = ()   # ((hparams, i), ...): merging two models with these
                                    # hparams (on top of EXAMPLE_HPARAMS) returns models[i]
+    FORWARDS_KWARGS = False        # merge() has **kwargs that it passes to another operator
+                                   # (which still rejects a mistyped name with TypeError)
+
+Checks that only apply to some operators are parametrized over the operators that declare
+them, so nothing is skipped; ``test_declarations_match_the_signature`` makes sure an operator
+cannot dodge a check by leaving a declaration out.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import pathlib
 
 import hypothesis
 import hypothesis.extra.numpy as hnp
@@ -40,6 +47,15 @@ _KNOWN_ATTRIBUTES = {
     "EXAMPLE_HPARAMS",
     "PER_LEAF_HPARAMS",
     "INTERPOLATION_ENDPOINTS",
+    "FORWARDS_KWARGS",
+}
+# Hyperparameters that are naturally per-parameter (a different density for attention and
+# MLP); an operator taking one must accept it as a pytree of per-leaf scalars.
+_PER_LEAF_NAMES = {"t", "density", "scale", "drop_rate", "gamma", "tall_lambda"}
+# Operators for which merging two models can never return one of them exactly, with why.
+_NO_ENDPOINTS = {
+    "model_stock": "t comes from the angle between the task vectors; no setting picks a model",
+    "cpi": "each model's core is transplanted, so the result mixes both models by design",
 }
 
 
@@ -54,6 +70,7 @@ class Spec:
     example: dict
     per_leaf: tuple
     endpoints: tuple
+    forwards_kwargs: bool
 
     @property
     def n_models(self) -> int:
@@ -77,7 +94,14 @@ def spec(name: str) -> Spec:
         example=dict(getattr(module, "EXAMPLE_HPARAMS", {})),
         per_leaf=tuple(getattr(module, "PER_LEAF_HPARAMS", ())),
         endpoints=tuple(getattr(module, "INTERPOLATION_ENDPOINTS", ())),
+        forwards_kwargs=bool(getattr(module, "FORWARDS_KWARGS", False)),
     )
+
+
+SPECS = {name: spec(name) for name in OPERATORS}
+WITH_ENDPOINTS = [n for n, s in SPECS.items() if s.endpoints]
+WITH_PER_LEAF = [n for n, s in SPECS.items() if s.per_leaf]
+STOCHASTIC = [n for n, s in SPECS.items() if s.stochastic]
 
 
 def params(seed: int, scale: float = 1.0) -> dict:
@@ -131,14 +155,32 @@ def assert_trees_close(actual, expected, *, exact_bf16=False):
 
 @pytest.fixture(params=OPERATORS)
 def op(request) -> Spec:
-    return spec(request.param)
+    return SPECS[request.param]
 
 
-def test_operators_are_discovered():
-    # The issue's operators; slerp and cpi join when their files land.
-    expected = {"linear", "task_arithmetic", "ties", "dare", "breadcrumbs", "model_stock",
-                "multislerp", "karcher", "stitch", "consensus"}
+def test_every_operator_module_is_discovered():
+    package = pathlib.Path(merges.__file__).parent
+    on_disk = {p.stem for p in package.glob("*.py") if not p.name.startswith("_")}
+    assert set(OPERATORS) == on_disk
+    expected = {"linear", "slerp", "task_arithmetic", "ties", "dare", "breadcrumbs",
+                "model_stock", "multislerp", "karcher", "stitch", "consensus", "cpi"}
     assert expected <= set(OPERATORS)
+    # Each conditional check below runs on at least one operator.
+    assert WITH_ENDPOINTS and WITH_PER_LEAF and STOCHASTIC
+
+
+def test_declarations_match_the_signature(op):
+    """An operator declares every conditional check that applies to it."""
+    parameters = inspect.signature(op.merge).parameters
+    assert ("seed" in parameters) == op.stochastic, f"{op.name}: seed <-> STOCHASTIC = True"
+    missing = (_PER_LEAF_NAMES & set(parameters)) - set(op.per_leaf)
+    assert not missing, f"{op.name}: declare {sorted(missing)} in PER_LEAF_HPARAMS"
+    if op.name in _NO_ENDPOINTS:
+        assert not op.endpoints, f"{op.name} declares endpoints; drop it from _NO_ENDPOINTS"
+    else:
+        assert op.endpoints, f"{op.name}: declare INTERPOLATION_ENDPOINTS (or explain why not)"
+    if op.min_models > 1:
+        assert op.n_models >= op.min_models
 
 
 def test_module_is_documented_and_declares_only_known_attributes(op):
@@ -163,14 +205,19 @@ def test_signature_takes_models_base_and_weights_and_no_catch_all_kwargs(op):
     assert list(parameters)[0] == "models"
     for name in ("base", "weights"):
         assert parameters[name].kind is inspect.Parameter.KEYWORD_ONLY, f"{op.name}: {name}"
-    # A **kwargs would swallow a mistyped hyperparameter instead of failing.
-    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    # A **kwargs would swallow a mistyped hyperparameter instead of failing; only an operator
+    # that forwards them to another one (which rejects unknown names, see
+    # test_unknown_hyperparameter_raises) may take them.
+    catch_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    assert not catch_all or op.forwards_kwargs, f"{op.name}: **kwargs without FORWARDS_KWARGS"
 
 
 def test_preserves_structure_shapes_and_dtypes(op):
     models, base = inputs(op)
     out = op.call(models, base=base)
+    # Compares paths, shapes and dtypes: the bf16 kernels must come back as bf16.
     tree_lib.check_same_structure(out, models[0], names=("result", "models[0]"))
+    assert out["layers"][0]["mlp"]["kernel"].dtype == jnp.bfloat16
     assert all(np.isfinite(np.asarray(x, np.float32)).all() for x in jax.tree.leaves(out))
 
 
@@ -226,18 +273,25 @@ def test_runs_under_jit_and_matches_eager(op):
     assert_trees_close(jitted, eager)
 
 
-def test_deterministic_and_seeded(op):
+def test_deterministic(op):
     models, base = inputs(op)
     first, second = op.call(models, base=base), op.call(models, base=base)
     assert all(same_leaves(first, second))
-    if op.stochastic:
-        other = op.call(models, base=base, seed=op.example.get("seed", 0) + 1)
-        assert not all(same_leaves(first, other))
 
 
-def test_interpolation_endpoints(op):
-    if not op.endpoints:
-        pytest.skip(f"{op.name} declares no INTERPOLATION_ENDPOINTS")
+@pytest.mark.parametrize("name", STOCHASTIC)
+def test_stochastic_operators_are_reproducible_from_the_seed(name):
+    s = SPECS[name]
+    models, base = inputs(s)
+    seed = s.example.get("seed", 0)
+    first = s.call(models, base=base, seed=seed)
+    assert all(same_leaves(first, s.call(models, base=base, seed=seed)))
+    assert not all(same_leaves(first, s.call(models, base=base, seed=seed + 1)))
+
+
+@pytest.mark.parametrize("name", WITH_ENDPOINTS)
+def test_interpolation_endpoints(name):
+    op = SPECS[name]
     models, base = inputs(op, n=2)
     for hparams, index in op.endpoints:
         out = op.call(models, base=base if op.requires_base else None, **hparams)
@@ -264,9 +318,9 @@ def test_finite_on_degenerate_inputs(op):
             assert finite, f"{op.name}, {label}: leaf '{path}'"
 
 
-def test_per_leaf_hyperparameters_equal_to_the_scalar_give_the_same_result(op):
-    if not op.per_leaf:
-        pytest.skip(f"{op.name} declares no PER_LEAF_HPARAMS")
+@pytest.mark.parametrize("name", WITH_PER_LEAF)
+def test_per_leaf_hyperparameters_equal_to_the_scalar_give_the_same_result(name):
+    op = SPECS[name]
     models, base = inputs(op)
     defaults = inspect.signature(op.merge).parameters
     reference = op.call(models, base=base)
@@ -288,7 +342,7 @@ _leaf = hnp.arrays(
 @hypothesis.settings(max_examples=8, deadline=None, derandomize=True)
 @hypothesis.given(data=st.lists(_leaf, min_size=4, max_size=4))
 def test_property_finite_and_shape_preserving_on_arbitrary_values(name, data):
-    s = spec(name)
+    s = SPECS[name]
     n = s.n_models
     trees = [{"w": jnp.asarray(d)} for d in data]
     models = (trees * 2)[1 : 1 + n]

@@ -4,7 +4,10 @@
 
 Weights default to equal; they are normalised to sum to one. With ``base`` given it is ignored
 (a plain average needs no base). Computed in float32, cast back to the input dtype.
-Degenerate cases: one model returns that model; weights summing to zero raise ``ValueError``.
+``normalize=False`` uses the weights as given (sum_i w_i theta_i).
+Degenerate cases: one model returns that model; identical models give that model back (up to
+float32 rounding of sum_i w_i = 1); weights (1, 0) give the first model exactly; weights
+summing to zero raise ``ValueError`` when normalising.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from collections.abc import Sequence
 import jax
 
 from cpift_jax.merges._common import check_models, f32, resolve_weights
+
+INTERPOLATION_ENDPOINTS = (({"weights": (1.0, 0.0)}, 0), ({"weights": (0.0, 1.0)}, 1))
 
 
 def merge(models: Sequence, *, base=None, weights: Sequence[float] | None = None, normalize=True):
