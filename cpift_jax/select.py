@@ -190,7 +190,7 @@ def _host_kth_bits(flats: list[np.ndarray], k: int, total: int) -> int | None:
 
 def _clean(path: str, flat: np.ndarray) -> np.ndarray:
     """Maps -0.0 to 0; raises on NaN or negative entries."""
-    if _np_bits(flat).max() <= INF_BITS:
+    if flat.size == 0 or _np_bits(flat).max() <= INF_BITS:
         return flat
     if np.isnan(flat).any() or (flat < 0).any():
         raise ValueError(

@@ -509,3 +509,9 @@ def test_check_mask():
         masks.check_mask(params, {"w": np.ones((2, 3), bool), "b": jnp.ones(3)})
     with pytest.raises(ValueError, match="leaf 'b' is in params but missing from mask"):
         masks.check_mask(params, {"w": np.ones((2, 3), bool)})
+
+
+def test_threshold_with_an_empty_leaf_on_the_host_path():
+    # Found by hypothesis: an empty leaf beside a -0.0 one used to fail in a max() reduction.
+    scores = {"a": np.zeros((0,), np.float32), "b": np.array([-0.0, 2.0, 1.0], np.float32)}
+    assert float(masks.threshold(scores, 2, method="host")) == 1.0
