@@ -1,0 +1,60 @@
+"""Forgetting in two-task sequential training, shaped like Table 2 of arXiv 2508.21741.
+
+Tasks A then B (``pair``), one seed, ``L = steps`` per leg, ``acc_T(theta)`` the held-out exact
+match of ``theta`` on task T, ``theta_0`` the base model, ``E_A`` / ``E_B`` the single-task
+experts (the benchmark's probes, ``steps_per_task`` steps from ``theta_0`` on A / B alone):
+
+* **full SFT**: ``theta_A = E_A``; ``theta_AB`` = ``theta_A`` + ``L`` steps on B, all entries
+  trainable, no replay.
+* **multi-stage**: ``theta_A = E_A``; ``theta_AB`` = ``theta_A`` + ``L`` steps on B with the
+  multi-stage rule of the main benchmark (a share ``replay`` of every batch is A's data).
+* **CPI-FT**: cores ``C_A``, ``C_B`` of ``E_A``, ``E_B``; ``F`` = fusion of (``E_A``, ``E_B``)
+  on the base model; ``theta_A`` = ``F`` + ``L`` steps on A (stage 1); ``theta_AB`` =
+  ``theta_A`` + ``L`` steps on B with ``C_A`` frozen and the same replay (stage 2). The two tasks
+  are forced into separate stages whatever their overlap, so the experiment is sequential.
+
+Reported per method: ``drop_a = acc_A(theta_AB) - acc_A(theta_A)`` (negative = forgotten) and
+``gain_b = acc_B(theta_AB) - acc_B(theta_0)`` (B still learned).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from cpift_jax import methods
+
+__all__ = ["LABELS", "run_seed"]
+
+LABELS = {"full_sft": "Full SFT (A -> B)", "multistage": "Multi-stage SFT (A -> B, replay)",
+          "cpift": "CPI-FT (A -> B, A's core frozen)"}
+
+
+def run_seed(ctx: methods.Context, experts: Mapping[str, Any], pair: tuple[str, str],
+             cpift_cfg, replay: float, steps: int) -> dict:
+    """``{method: {"drop_a", "gain_b", "acc": {...}}}`` for one seed (module docstring)."""
+    a, b = pair
+    base_b = methods.evaluate(ctx, ctx.base, [b])[b]
+    out = {}
+
+    def record(key, theta_a, theta_ab):
+        acc_a = methods.evaluate(ctx, theta_a, [a, b])
+        acc_ab = methods.evaluate(ctx, theta_ab, [a, b])
+        out[key] = {"drop_a": acc_ab[a] - acc_a[a], "gain_b": acc_ab[b] - base_b,
+                    "acc": {"after_a": acc_a, "after_ab": acc_ab, "base_b": base_b}}
+
+    theta_a = experts[a]
+    full = methods.train_on(ctx, theta_a, {b: 1.0}, steps, stream=500, name="forget_full")
+    record("full_sft", theta_a, full)
+    weights = methods.stage_weights(ctx, [b], [a], replay)
+    staged = methods.train_on(ctx, theta_a, weights, steps, stream=501, name="forget_multistage")
+    record("multistage", theta_a, staged)
+
+    cores = methods.core_masks(ctx.base, [experts[a], experts[b]], cpift_cfg)
+    fused, _ = methods.fuse(ctx.base, [experts[a], experts[b]], cores, cpift_cfg)
+    stage1 = methods.train_on(ctx, fused, {a: 1.0}, steps, stream=502, name="forget_cpift0")
+    frozen = cores[0] if cpift_cfg.freeze else None
+    stage2 = methods.train_on(ctx, stage1, weights, steps, frozen=frozen, stream=503,
+                              name="forget_cpift1")
+    record("cpift", stage1, stage2)
+    return out

@@ -1,0 +1,212 @@
+"""The training methods compared by the CPI-FT benchmark, on parameters held in memory.
+
+Everything here is one seed of one method: ``pipeline.py`` chains these through artifacts in a
+workdir, repeats them over seeds and aggregates. A ``Context`` holds what every method shares
+(model, tokenizer, base parameters, encoded train data, held-out examples, optimiser settings).
+
+Budgets are counted in optimizer steps of ``batch_size`` sequences; ``S = steps_per_task``:
+
+* single-task expert (= the CPI-FT probe): ``S`` steps on its task alone;
+* full multi-task SFT, equal compute: ``n_tasks * S`` steps on the mixture (each task gets about
+  ``S`` steps' worth of rows, as with the experts); equal steps: ``S`` steps on the mixture;
+* multi-stage SFT (groups trained one after another): stage ``g`` gets ``|g| * S`` steps, so the
+  total equals full multi-task SFT; later stages replay earlier groups' data (``replay``);
+* CPI-FT pipeline SFT: stage ``g`` gets ``|g| * cpift_steps_per_task`` steps, with the core
+  entries of earlier groups frozen element-wise (arXiv 2508.21741, Sec. 3, step 5).
+
+Mixture weights inside a stage: the suite's ``mixture_weights`` (its ``imbalance`` knob)
+restricted to the stage's tasks, scaled to ``1 - replay``; the earlier groups' tasks share
+``replay`` equally (no earlier groups: the stage's tasks get everything).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import operator
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from cpift_jax import clustering, fusion, masks, merges
+from cpift_jax import evaluate as evaluate_lib
+from cpift_jax import train as train_lib
+from cpift_jax.data import batching
+
+__all__ = ["Context", "evaluate", "train_on", "stage_weights", "multistage", "heuristic_groups",
+           "core_masks", "core_density", "cluster", "fuse", "pipeline_sft", "cpift_chain",
+           "merge_only", "KIND_RULES", "LAYER_RULES"]
+
+Pytree = Any
+
+# Leaf-path rules for the core-density breakdowns of results.json (first full match wins).
+KIND_RULES = [(rf".*{k}.*", k) for k in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                           "up_proj", "down_proj")] + [
+    (r".*embed.*", "embed"), (r".*(norm|layernorm).*", "norm"), (r".*lm_head.*", "head")]
+
+
+def LAYER_RULES(num_layers: int) -> list[tuple[str, str]]:  # noqa: N802 (a rule table)
+    return ([(r".*embed.*", "embed")] + [(rf".*layers/{i}/.*", str(i)) for i in range(num_layers)]
+            + [(r".*model/norm.*", "final_norm"), (r".*lm_head.*", "head")])
+
+
+@dataclasses.dataclass
+class Context:
+    """What all methods of one seed share."""
+
+    model_config: Any
+    tokenizer: Any
+    base: Pytree
+    tasks: tuple[str, ...]
+    train_arrays: Mapping[str, dict]  # task -> {"tokens", "loss_mask"} (batching.encode_examples)
+    test_examples: Mapping[str, Sequence]  # task -> held-out Examples
+    mixture: Mapping[str, float]  # suite.mixture_weights
+    optimizer: Any  # optim.default_config()-like; total_steps is set per call
+    batch_size: int
+    steps_per_task: int
+    seed: int
+    eval_batch_size: int = 64
+    progress: bool = False
+    metrics_dir: Any = None  # where train() writes JSON-lines curves (None: nowhere)
+
+
+def evaluate(ctx: Context, params: Pytree, tasks: Sequence[str] | None = None) -> dict[str, float]:
+    """``{task: exact match}`` on the held-out examples (greedy decoding)."""
+    tasks = list(ctx.tasks if tasks is None else tasks)
+    return evaluate_lib.evaluate(ctx.model_config, params, ctx.tokenizer,
+                                 {t: ctx.test_examples[t] for t in tasks},
+                                 batch_size=ctx.eval_batch_size)
+
+
+def stage_weights(ctx: Context, current: Sequence[str], earlier: Sequence[str],
+                  replay: float) -> dict[str, float]:
+    """Sampling weights of one stage (module docstring)."""
+    own = {t: ctx.mixture[t] for t in current}
+    total = sum(own.values())
+    share = 1.0 - replay if earlier and replay > 0 else 1.0
+    weights = {t: share * w / total for t, w in own.items()}
+    if earlier and replay > 0:
+        weights.update({t: replay / len(earlier) for t in earlier})
+    return weights
+
+
+def train_on(ctx: Context, params: Pytree, weights: Mapping[str, float], steps: int, *,
+             frozen: Pytree | None = None, stream: int = 0, name: str = "train") -> Pytree:
+    """``steps`` AdamW steps on a mixture of tasks (``weights``); ``stream`` picks an independent
+    batch order so two calls of one seed do not see the same rows in the same order."""
+    opt = ctx.optimizer.copy_and_resolve_references()
+    opt.total_steps = int(steps)
+    opt.warmup_steps = min(int(opt.warmup_steps), int(steps))
+    arrays = {t: ctx.train_arrays[t] for t in weights}
+    stream_seed = ctx.seed * 7919 + stream
+    batches = batching.mixture_batches(arrays, weights, ctx.batch_size, stream_seed)
+    metrics = None if ctx.metrics_dir is None else f"{ctx.metrics_dir}/{name}.jsonl"
+    out, _ = train_lib.train(ctx.model_config, params, opt, batches, steps=int(steps),
+                             frozen=frozen, metrics_path=metrics, progress=ctx.progress,
+                             description=name)
+    return out
+
+
+def multistage(ctx: Context, params: Pytree, stages: Sequence[Sequence[str]], *,
+               steps_per_task: int, replay: float, frozen_for_stage=None,
+               name: str = "stage") -> tuple[Pytree, list[Pytree]]:
+    """Trains the groups one after another; returns (final params, params after each stage).
+
+    ``frozen_for_stage(s)`` gives stage ``s``'s freeze mask (None: nothing frozen).
+    """
+    after = []
+    for s, group in enumerate(stages):
+        earlier = [t for g in stages[:s] for t in g]
+        weights = stage_weights(ctx, group, earlier, replay)
+        frozen = frozen_for_stage(s) if frozen_for_stage is not None else None
+        params = train_on(ctx, params, weights, len(group) * steps_per_task, frozen=frozen,
+                          stream=100 + s, name=f"{name}{s}")
+        after.append(params)
+    return params, after
+
+
+def heuristic_groups(tasks: Sequence[str], expert_scores: Mapping[str, float],
+                     k: int) -> list[list[str]]:
+    """The multi-stage heuristic: tasks sorted easiest first by their expert's score (ties by
+    name), cut into ``k`` contiguous groups of balanced size; stages run in that order, so the
+    hardest tasks are trained last and forgotten least."""
+    ordered = sorted(tasks, key=lambda t: (-expert_scores[t], t))
+    bounds = [i * len(ordered) // k for i in range(k + 1)]
+    return [ordered[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+# ------------------------------------------------------------------------------- CPI-FT steps
+
+
+def core_masks(base: Pytree, experts: Sequence[Pytree], cfg) -> list[Pytree]:
+    """Step 2: each task's top-``p`` entries by ``|expert - base|`` (``masks.core_mask``)."""
+    exclude = list(cfg.core_exclude) or None
+    return [jax.tree.map(np.asarray, masks.core_mask(base, e, cfg.p, cfg.scope, exclude=exclude))
+            for e in experts]
+
+
+def core_density(mask: Pytree, num_layers: int) -> dict:
+    """``{"by_layer": {...}, "by_kind": {...}}``: share of each group's entries in the core."""
+    def dens(rules):
+        return {str(k): v["density"] for k, v in masks.density_by(mask, rules).items()}
+    return {"by_layer": dens(LAYER_RULES(num_layers)), "by_kind": dens(KIND_RULES)}
+
+
+def cluster(tasks: Sequence[str], cores: Sequence[Pytree], cfg, seed: int,
+            sizes: Sequence[float] | None = None) -> tuple[np.ndarray, list[list[str]]]:
+    """Step 3: Jaccard matrix and the groups (task names) in stage order."""
+    overlap = masks.overlap_matrix(cores)
+    groups = clustering.cluster_tasks(overlap, cfg.tau)
+    stages = clustering.order_stages(groups, cfg.stage_order, seed, overlap=overlap, sizes=sizes)
+    return overlap, [[tasks[i] for i in g] for g in stages]
+
+
+def fuse(backbone: Pytree, experts: Sequence[Pytree], cores: Sequence[Pytree], cfg):
+    """Step 4: ``fusion.fuse`` with the configured overlap rule, merge operator and
+    granularity (the granularity applies to SLERP only)."""
+    kwargs = {"granularity": cfg.granularity} if cfg.merge == "slerp" else {}
+    fused, report = fusion.fuse(backbone, experts, cores, merge=cfg.merge, overlap=cfg.overlap,
+                                **kwargs)
+    return jax.tree.map(np.asarray, fused), report
+
+
+def _union(mask_list: Sequence[Pytree]) -> Pytree:
+    return jax.tree.map(lambda *ms: functools.reduce(operator.or_, ms), *mask_list)
+
+
+def pipeline_sft(ctx: Context, fused: Pytree, stages: Sequence[Sequence[str]],
+                 cores_by_task: Mapping[str, Pytree], cfg, *, name: str = "cpift"):
+    """Step 5: stage by stage, earlier groups' cores frozen (and the current group's too with
+    ``cfg.freeze_current``; nothing with ``cfg.freeze = False``)."""
+
+    def frozen_for_stage(s: int):
+        if not cfg.freeze:
+            return None
+        upto = s + 1 if cfg.freeze_current else s
+        tasks = [t for g in stages[:upto] for t in g]
+        return _union([cores_by_task[t] for t in tasks]) if tasks else None
+
+    return multistage(ctx, fused, stages, steps_per_task=cfg.steps_per_task, replay=cfg.replay,
+                      frozen_for_stage=frozen_for_stage, name=name)
+
+
+def cpift_chain(ctx: Context, experts: Sequence[Pytree], cfg, *, backbone: Pytree | None = None,
+                name: str = "cpift") -> dict:
+    """Steps 2-5 in memory for one CPI-FT variant (ablations); returns scores and bookkeeping."""
+    backbone = ctx.base if backbone is None else backbone
+    cores = core_masks(ctx.base, experts, cfg)
+    overlap, stages = cluster(ctx.tasks, cores, cfg, ctx.seed)
+    fused, report = fuse(backbone, experts, cores, cfg)
+    by_task = dict(zip(ctx.tasks, cores))
+    final, _ = pipeline_sft(ctx, fused, stages, by_task, cfg, name=name)
+    return {"per_task": evaluate(ctx, final), "fused_per_task": evaluate(ctx, fused),
+            "groups": stages, "overlap": overlap.tolist(), "fusion": report}
+
+
+def merge_only(ctx: Context, experts: Sequence[Pytree], name: str) -> dict[str, float]:
+    """Registry operator ``name`` with its default settings on the experts, ``base`` = the base
+    model; evaluated without any training."""
+    merged = merges.get(name)(list(experts), base=ctx.base)
+    return evaluate(ctx, jax.tree.map(np.asarray, merged))

@@ -1,0 +1,358 @@
+"""The CPI-FT benchmark: the pipeline and its baselines chained through artifacts in a workdir.
+
+``run(config, workdir)`` runs these stages (``cpift_jax.workdir.Workdir``: a rerun skips every
+completed stage, a workdir made with another config is refused naming the differing keys):
+
+    base                       the base model (toy: cached pretraining; or SmolLM2), Orbax
+    seed<s>/experts            probe SFT per task = the single-task experts, Orbax per task
+    seed<s>/cores              core masks (top p of |expert - base|), bit-packed per task
+    seed<s>/clusters           Jaccard overlap matrix, groups at tau, stage order
+    seed<s>/fusion             fused model (cores transplanted, the rest merged), Orbax
+    seed<s>/cpift              pipeline SFT with earlier groups' cores frozen
+    seed<s>/<baseline>         multitask_sft, multitask_sft_equal_steps, multistage_random,
+                               multistage_heuristic (budgets in ``cpift_jax.methods``)
+    seed<s>/forgetting         sequential A -> B (``cpift_jax.forgetting``)
+    seed<s>/ablation_<name>    CPI-FT variants (``config.ablations``)
+    seed<s>/merge_<name>       merge-only operators on the experts (``config.merge_only``)
+    results                    ``results.json`` (schema in ``docs``/the README) + the report
+
+Every stage returns a JSON result stored in its ``DONE.json``; ``results`` aggregates them over
+seeds (mean and population std) and calls ``cpift_jax.report.write``.
+
+Config checks, labels and budgets: ``cpift_jax.pipeline_config``. Normalisation:
+``cpift_jax.aggregate.NORMALIZATION`` (per task (score - chance) / (expert -
+chance), averaged over the tasks whose expert beats chance by at least 0.05).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import logging
+
+from cpift_jax import aggregate, checkpoint, clustering, merges, methods, models, pipeline_config
+from cpift_jax import forgetting as forgetting_lib
+from cpift_jax import tree as tree_lib
+from cpift_jax.data import batching
+from cpift_jax.data import suite as suite_lib
+from cpift_jax.aggregate import MIN_EXPERT_GAP, NORMALIZATION, normalized_average  # noqa: F401
+from cpift_jax.pipeline_config import (BACKBONES, LABELS, MAIN_METHODS,  # noqa: F401
+                                       ablation_variants, budgets, check_config)
+from cpift_jax.workdir import Workdir
+
+__all__ = ["MAIN_METHODS", "LABELS", "NORMALIZATION", "MIN_EXPERT_GAP", "check_config",
+           "normalized_average", "budgets", "ablation_variants", "run"]
+
+_fail = pipeline_config._fail
+
+# ------------------------------------------------------------------------------ model and data
+
+
+def _toy_model(config):
+    from cpift_jax.data.tokenizer import CharTokenizer
+    m = config.model
+    tokenizer = CharTokenizer(config.suite.tasks)
+    return models.ModelConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size, num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
+        max_position_embeddings=max(config.data.seq_len, config.base.pretrain.seq_len)), tokenizer
+
+
+def _build_base(config, stage_dir: Path):
+    """(model_config, tokenizer, base params) for ``config.model.backend``."""
+    from cpift_jax.data.tokenizer import HFTokenizer
+
+    m = config.model
+    if m.backend == "toy":
+        from cpift_jax import pretrain
+        model_config, tokenizer = _toy_model(config)
+        # One cache directory per settings: pretrain_base refuses a directory made otherwise.
+        key = json.dumps([dataclasses.asdict(model_config), config.base.pretrain.to_dict(),
+                          list(config.suite.tasks)], sort_keys=True, default=str)
+        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+        cache = Path(os.path.expanduser(config.base.cache_dir)) / digest
+        params = pretrain.pretrain_base(cache, model_config, tokenizer, config.suite,
+                                        config.base.pretrain, progress=config.progress)
+        return model_config, tokenizer, params
+    if m.backend == "smollm2":
+        from cpift_jax.models import smollm2
+        model_config, params, hf_tok = smollm2.load()
+        return model_config, HFTokenizer(hf_tok), params
+    _fail("model.backend", f"must be 'toy' or 'smollm2', got {m.backend!r}")
+
+
+def _load_like(path, like):
+    """Orbax params at ``path`` in the structure of ``like`` (matched by leaf path, so integer
+    and string layer keys agree); ValueError naming the file and the first bad leaf."""
+    stored = checkpoint.load_params(path)
+    s_paths, s_leaves, _ = tree_lib.flatten(stored)
+    paths, leaves, treedef = tree_lib.flatten(like)
+    by_path = dict(zip(s_paths, s_leaves))
+    for p in sorted(set(s_paths) ^ set(paths)):
+        raise ValueError(f"{path}: leaf '{p}' is only in the "
+                         f"{'checkpoint' if p in by_path else 'model'}")
+    out = []
+    for p, ref in zip(paths, leaves):
+        arr = np.asarray(by_path[p])
+        if arr.shape != tuple(ref.shape) or arr.dtype != ref.dtype:
+            raise ValueError(f"{path}: leaf '{p}' is {arr.dtype}{list(arr.shape)}, expected "
+                             f"{ref.dtype}{list(ref.shape)}")
+        out.append(arr)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+class _Run:
+    """One ``run`` call: the workdir, the shared model and per-seed contexts, loaded artifacts."""
+
+    def __init__(self, config, workdir):
+        self.config = config
+        self.wd = Workdir(workdir, config.to_dict(), ignore_keys=("progress", "compile_cache_dir"))
+        self.tasks = tuple(config.suite.tasks)
+        self._base = None
+        self._ctx: dict[int, methods.Context] = {}
+
+    # -- base model
+    def base(self):
+        if self._base is None:
+            holder = {}
+
+            def stage(d):
+                mc, tok, params = _build_base(self.config, d)
+                checkpoint.save_params(d / "params", params)
+                holder["built"] = (mc, tok)
+                return {"num_params": int(sum(np.size(x) for x in jax.tree.leaves(params)))}
+
+            self.wd.run("base", stage)
+            if "built" in holder:
+                mc, tok = holder["built"]
+            else:  # tokenizer and config are cheap to rebuild; the weights come from the workdir
+                mc, tok = self._model_and_tokenizer()
+            try:
+                params = _load_like(self.wd.path("base") / "params", models.abstract_params(mc))
+            except ValueError as err:
+                raise ValueError(f"the base checkpoint in {self.wd.path('base')} does not match "
+                                 f"config.model: {err}") from err
+            self._base = (mc, tok, params)
+        return self._base
+
+    def _model_and_tokenizer(self):
+        if self.config.model.backend == "toy":
+            return _toy_model(self.config)
+        return _build_base(self.config, None)[:2]
+
+    def ctx(self, seed: int, stage_dir: Path | None = None) -> methods.Context:
+        if seed not in self._ctx:
+            mc, tok, base = self.base()
+            c = self.config
+            data = suite_lib.make_suite(c.suite, seed, c.data.n_train, c.data.n_test)
+            arrays = {t: batching.encode_examples(tok, data[t]["train"], c.data.seq_len)
+                      for t in self.tasks}
+            self._ctx[seed] = methods.Context(
+                model_config=mc, tokenizer=tok, base=base, tasks=self.tasks, train_arrays=arrays,
+                test_examples={t: data[t]["test"] for t in self.tasks},
+                mixture=suite_lib.mixture_weights(c.suite), optimizer=c.train.optimizer,
+                batch_size=c.train.batch_size, steps_per_task=c.train.steps_per_task, seed=seed,
+                eval_batch_size=c.data.eval_batch_size, progress=c.progress)
+        return dataclasses.replace(self._ctx[seed], metrics_dir=stage_dir)
+
+    # -- artifacts
+    def load_params(self, stage: str, name: str):
+        return _load_like(self.wd.path(stage) / name, models.abstract_params(self.base()[0]))
+
+    def experts(self, seed: int) -> list:
+        return [self.load_params(f"seed{seed}/experts", t) for t in self.tasks]
+
+    def cores(self, seed: int) -> list:
+        like = self.base()[2]
+        return [checkpoint.load_masks(self.wd.path(f"seed{seed}/cores") / t, like)
+                for t in self.tasks]
+
+    # -- per-seed stages
+    def seed_stages(self, seed: int) -> None:
+        c, wd, p = self.config, self.wd, f"seed{seed}/"
+        want = set(c.methods)
+        n = len(self.tasks)
+
+        def experts(d):
+            ctx = self.ctx(seed, d)
+            scores = {}
+            for i, t in enumerate(self.tasks):
+                params = methods.train_on(ctx, ctx.base, {t: 1.0}, ctx.steps_per_task,
+                                          stream=i, name=f"expert_{t}")
+                checkpoint.save_params(d / t, params)
+                scores[t] = methods.evaluate(ctx, params)
+            return {"scores": scores, "base": methods.evaluate(ctx, ctx.base)}
+
+        expert_result = wd.run(p + "experts", experts)
+
+        def multitask(steps, save):
+            def stage(d):
+                ctx = self.ctx(seed, d)
+                params = methods.train_on(ctx, ctx.base, dict(ctx.mixture), steps, stream=50,
+                                          name="multitask")
+                if save:
+                    checkpoint.save_params(d / "params", params)
+                return {"per_task": methods.evaluate(ctx, params)}
+            return stage
+
+        needs_mt = "multitask_sft" in want or c.cpift.backbone == "multitask_sft"
+        if needs_mt:
+            wd.run(p + "multitask_sft", multitask(n * c.train.steps_per_task, True))
+        if "multitask_sft_equal_steps" in want:
+            wd.run(p + "multitask_sft_equal_steps", multitask(c.train.steps_per_task, False))
+
+        def multistage_stage(groups_fn):
+            def stage(d):
+                ctx = self.ctx(seed, d)
+                groups = groups_fn()
+                params, _ = methods.multistage(ctx, ctx.base, groups,
+                                               steps_per_task=ctx.steps_per_task,
+                                               replay=c.multistage.replay, name="stage")
+                return {"per_task": methods.evaluate(ctx, params), "groups": groups}
+            return stage
+
+        def random_groups():
+            idx = clustering.random_groups(n, c.multistage.k, seed)
+            idx = clustering.order_stages(idx, "random", seed)
+            return [[self.tasks[i] for i in g] for g in idx]
+
+        def heuristic():
+            diag = {t: expert_result["scores"][t][t] for t in self.tasks}
+            return methods.heuristic_groups(self.tasks, diag, c.multistage.k)
+
+        if "multistage_random" in want:
+            wd.run(p + "multistage_random", multistage_stage(random_groups))
+        if "multistage_heuristic" in want:
+            wd.run(p + "multistage_heuristic", multistage_stage(heuristic))
+
+        if want & {"fused_only", "cpift"} or c.forgetting.enabled or c.ablations.enabled:
+            self.cpift_stages(seed)
+        if c.forgetting.enabled:
+            def forget(d):
+                ctx = self.ctx(seed, d)
+                experts = dict(zip(self.tasks, self.experts(seed)))
+                return forgetting_lib.run_seed(ctx, experts, tuple(c.forgetting.pair), c.cpift,
+                                               c.multistage.replay, c.forgetting.steps)
+            wd.run(p + "forgetting", forget)
+        for key, (_, overrides) in ablation_variants(c).items():
+            def ablation(d, overrides=overrides, key=key):
+                ctx = self.ctx(seed, d)
+                cfg = c.cpift.copy_and_resolve_references()
+                cfg.update(overrides)
+                return methods.cpift_chain(ctx, self.experts(seed), cfg,
+                                           backbone=self.backbone(seed), name=key)
+            wd.run(p + key, ablation)
+        if c.merge_only.enabled:
+            for name in c.merge_only.operators or merges.available():
+                def merge(d, name=name):
+                    ctx = self.ctx(seed, d)
+                    try:
+                        return {"per_task": methods.merge_only(ctx, self.experts(seed), name)}
+                    except (ValueError, TypeError) as err:  # e.g. an operator's own limits
+                        logging.warning("merge-only %s failed: %s", name, err)
+                        return {"error": f"{type(err).__name__}: {err}"}
+                wd.run(p + f"merge_{name}", merge)
+
+    def backbone(self, seed: int):
+        b = self.config.cpift.backbone
+        if b == "base":
+            return self.base()[2]
+        if b == "multitask_sft":
+            return self.load_params(f"seed{seed}/multitask_sft", "params")
+        return _load_like(os.path.expanduser(b), models.abstract_params(self.base()[0]))
+
+    def cpift_stages(self, seed: int) -> None:
+        c, wd, p = self.config, self.wd, f"seed{seed}/"
+        num_layers = self.base()[0].num_hidden_layers
+
+        def cores(d):
+            ctx = self.ctx(seed, d)
+            masks_ = methods.core_masks(ctx.base, self.experts(seed), c.cpift)
+            for t, m in zip(self.tasks, masks_):
+                checkpoint.save_masks(d / t, m)
+            return {"density": {t: methods.core_density(m, num_layers)
+                                for t, m in zip(self.tasks, masks_)}}
+
+        wd.run(p + "cores", cores)
+
+        def clusters(d):
+            overlap, groups = methods.cluster(self.tasks, self.cores(seed), c.cpift, seed)
+            return {"overlap": overlap.tolist(), "groups": groups}
+
+        groups = wd.run(p + "clusters", clusters)["groups"]
+
+        def fuse(d):
+            ctx = self.ctx(seed, d)
+            fused, report = methods.fuse(self.backbone(seed), self.experts(seed), self.cores(seed),
+                                         c.cpift)
+            checkpoint.save_params(d / "params", fused)
+            return {"per_task": methods.evaluate(ctx, fused), "report": report}
+
+        wd.run(p + "fusion", fuse)
+
+        def pipeline_sft(d):
+            ctx = self.ctx(seed, d)
+            fused = self.load_params(p + "fusion", "params")
+            by_task = dict(zip(self.tasks, self.cores(seed)))
+            final, _ = methods.pipeline_sft(ctx, fused, groups, by_task, c.cpift)
+            return {"per_task": methods.evaluate(ctx, final), "groups": groups}
+
+        wd.run(p + "cpift", pipeline_sft)
+
+
+# ---------------------------------------------------------------------------------------- run
+
+
+def _write_ordered_json(path: Path, obj) -> None:
+    """Atomic JSON that keeps insertion order (the report lists methods in that order)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _enable_compile_cache(path: str | None) -> None:
+    """Every train() call builds a fresh jitted step; with a constant-after-warm-up schedule the
+    programs are identical, so XLA's persistent cache turns each recompilation into a lookup."""
+    if path:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def run(config, workdir) -> dict:
+    """Runs (or resumes) every stage and returns the results dict written to
+    ``workdir/results.json``; then ``cpift_jax.report.write`` renders ``results.md`` and plots.
+    """
+    check_config(config)
+    _enable_compile_cache(config.compile_cache_dir)
+    r = _Run(config, workdir)
+    r.base()
+    for seed in config.seeds:
+        r.seed_stages(int(seed))
+
+    labels = dict(LABELS)
+    ablations = ablation_variants(config)
+
+    def results_stage(d):
+        chance = {t: suite_lib.chance_level(t, config.suite) for t in r.tasks}
+        out = aggregate.collect(config, r.wd, r.tasks, chance, labels=labels,
+                                budgets=budgets(config), ablations=ablations,
+                                forgetting_labels=forgetting_lib.LABELS)
+        _write_ordered_json(d / "results.json", out)
+        return {"file": str(d / "results.json")}
+
+    r.wd.run("results", results_stage)
+    results = checkpoint.read_json(r.wd.path("results") / "results.json")
+    stages = aggregate.stage_seconds(r.wd)
+    results["timings"] = {"total_s": float(sum(stages.values())), "stages": stages}
+    _write_ordered_json(r.wd.root / "results.json", results)
+    from cpift_jax import report  # imported late: it pulls in plotting
+    report.write(r.wd.root, results)
+    return results

@@ -1,0 +1,130 @@
+"""The benchmark's method names, labels and budgets, and the checks of its config.
+
+Split out of ``cpift_jax.pipeline``: everything here reads the config only (see
+``configs/toy.py`` for the fields); ``check_config`` fails before any work with a ValueError
+naming the config key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cpift_jax import clustering, fusion, merges
+from cpift_jax.data import suite as suite_lib
+
+__all__ = ["MAIN_METHODS", "LABELS", "BACKBONES", "check_config", "budgets",
+           "ablation_variants"]
+
+MAIN_METHODS = ("single_task", "multitask_sft", "multitask_sft_equal_steps", "multistage_random",
+                "multistage_heuristic", "fused_only", "cpift")
+LABELS = {
+    "single_task": "Single-task experts (reference)",
+    "multitask_sft": "Full multi-task SFT (equal compute)",
+    "multitask_sft_equal_steps": "Full multi-task SFT (equal steps)",
+    "multistage_random": "Multi-stage SFT, random groups",
+    "multistage_heuristic": "Multi-stage SFT, heuristic order (easiest first)",
+    "fused_only": "CPI fusion only (no pipeline SFT)",
+    "cpift": "CPI-FT",
+}
+BACKBONES = ("base", "multitask_sft")
+
+
+# ------------------------------------------------------------------------------ config checks
+
+
+def _fail(key: str, problem: str):
+    raise ValueError(f"config '{key}' {problem}")
+
+
+def check_config(config) -> None:
+    """ValueError naming the first bad config key (see ``configs/toy.py`` for the fields)."""
+    suite_lib.check_config(config.suite)
+    if len(config.seeds) < 1:
+        _fail("seeds", "is empty; give at least one seed")
+    unknown = sorted(set(config.methods) - set(MAIN_METHODS))
+    if unknown:
+        _fail("methods", f"names unknown method(s) {unknown}; known: {', '.join(MAIN_METHODS)}")
+    d = config.data
+    if d.n_train < 1 or d.n_test < 1:
+        _fail("data.n_train/n_test", f"must be >= 1 (empty dataset), got {d.n_train}/{d.n_test}")
+    if d.n_train < config.train.batch_size:
+        _fail("data.n_train", f"= {d.n_train} is smaller than one batch "
+              f"(train.batch_size = {config.train.batch_size})")
+    if config.train.steps_per_task < 1:
+        _fail("train.steps_per_task", f"must be >= 1, got {config.train.steps_per_task}")
+    _check_cpift(config.cpift, "cpift")
+    if not 1 <= config.multistage.k <= len(config.suite.tasks):
+        _fail("multistage.k", f"must be in [1, {len(config.suite.tasks)}], got {config.multistage.k}")
+    if not 0.0 <= config.multistage.replay < 1.0:
+        _fail("multistage.replay", f"must be in [0, 1), got {config.multistage.replay}")
+    if config.forgetting.enabled:
+        pair = tuple(config.forgetting.pair)
+        if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(config.suite.tasks):
+            _fail("forgetting.pair", f"must be two different tasks of suite.tasks, got {pair}")
+        if config.forgetting.steps < 1:
+            _fail("forgetting.steps", f"must be >= 1, got {config.forgetting.steps}")
+    if config.merge_only.enabled:
+        for name in config.merge_only.operators:
+            if name not in merges.available():
+                _fail("merge_only.operators", f"names unknown operator {name!r}; available: "
+                      f"{', '.join(merges.available())}")
+    for p in config.ablations.p_values:
+        _check_cpift(config.cpift.copy_and_resolve_references(), "ablations.p_values", p=p)
+
+
+def _check_cpift(c, key: str, p: float | None = None) -> None:
+    p = c.p if p is None else p
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
+        _fail(f"{key}.p" if key == "cpift" else key, f"must be in (0, 1], got {p!r}")
+    if isinstance(c.tau, bool) or not isinstance(c.tau, (int, float)) or not 0.0 <= c.tau <= 1.0:
+        _fail(f"{key}.tau", f"must be in [0, 1], got {c.tau!r}")
+    if c.overlap not in fusion.OVERLAP_RULES:
+        _fail(f"{key}.overlap", f"must be one of {fusion.OVERLAP_RULES}, got {c.overlap!r}")
+    if c.merge not in merges.available():
+        _fail(f"{key}.merge", f"names unknown operator {c.merge!r}")
+    if c.stage_order not in clustering.STAGE_ORDERS:
+        _fail(f"{key}.stage_order", f"must be one of {clustering.STAGE_ORDERS}")
+    if c.backbone not in BACKBONES and not Path(os.path.expanduser(c.backbone)).exists():
+        _fail(f"{key}.backbone", f"must be one of {BACKBONES} or an existing Orbax checkpoint "
+              f"path, got {c.backbone!r}")
+    if not 0.0 <= c.replay < 1.0:
+        _fail(f"{key}.replay", f"must be in [0, 1), got {c.replay}")
+    if c.steps_per_task < 1:
+        _fail(f"{key}.steps_per_task", f"must be >= 1, got {c.steps_per_task}")
+
+
+# ------------------------------------------------------------------------------------ budgets
+
+
+def budgets(config) -> dict[str, str]:
+    """Human-readable training budget of every method (``cpift_jax.methods`` docstring)."""
+    n, s, b = len(config.suite.tasks), config.train.steps_per_task, config.train.batch_size
+    c = config.cpift.steps_per_task
+    return {
+        "single_task": f"{n} x {s} steps x {b} seqs (one expert per task)",
+        "multitask_sft": f"{n * s} steps x {b} seqs, equal compute",
+        "multitask_sft_equal_steps": f"{s} steps x {b} seqs, equal steps",
+        "multistage_random": f"{n * s} steps x {b} seqs over K={config.multistage.k} stages",
+        "multistage_heuristic": f"{n * s} steps x {b} seqs over K={config.multistage.k} stages",
+        "fused_only": f"probes {n} x {s} steps; no SFT after fusion",
+        "cpift": f"probes {n} x {s} + pipeline {n * c} steps x {b} seqs",
+    }
+
+
+def ablation_variants(config) -> dict[str, tuple[str, dict]]:
+    """``{key: (label, overrides of config.cpift)}`` for the enabled ablations."""
+    a = config.ablations
+    if not a.enabled:
+        return {}
+    out = {
+        "ablation_tau0": ("CPI-FT, tau = 0 (one group)", {"tau": 0.0}),
+        "ablation_linear": ("CPI-FT, linear averaging instead of SLERP", {"merge": "linear"}),
+        "ablation_no_freeze": ("CPI-FT, no freezing", {"freeze": False}),
+        "ablation_no_embed_head": ("CPI-FT, cores without embeddings/head",
+                                   {"core_exclude": ("embed", "lm_head")}),
+        "ablation_no_replay": ("CPI-FT, stage data group-only (no replay)", {"replay": 0.0}),
+    }
+    for p in a.p_values:
+        out[f"ablation_p{p * 100:g}"] = (f"CPI-FT, p = {p * 100:g}%", {"p": p})
+    return out
