@@ -15,22 +15,9 @@ import pytest
 
 from cpift_jax import merges
 from cpift_jax.merges import _task_vectors, dare
+from merge_trees import f32, tree
 
 RTOL = 1e-5
-
-
-def f32(x):
-    return jnp.asarray(x, jnp.float32)
-
-
-def tree(seed, scale=1.0):
-    rng = np.random.default_rng(seed)
-    # The shapes of the conformance test's tree, so both files share compiled kernels.
-    return {
-        "a": f32(scale * rng.normal(size=(6, 4))),
-        "b": [f32(scale * rng.normal(size=5))],
-        "c": f32(scale * rng.normal(size=(4, 5))),
-    }
 
 
 def setup(n=3):

@@ -10,25 +10,11 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cpift_jax import merges
-
-
-def f32(x):
-    return jnp.asarray(x, jnp.float32)
-
-
-def tree(seed, scale=1.0):
-    rng = np.random.default_rng(seed)
-    # The shapes of the conformance test's tree, so the files share compiled kernels.
-    return {
-        "a": f32(scale * rng.normal(size=(6, 4))),
-        "b": [f32(scale * rng.normal(size=5))],
-        "c": f32(scale * rng.normal(size=(4, 5))),
-    }
+from merge_trees import f32, tree
 
 
 def fine_tunes(n=3, shared=0.0):
