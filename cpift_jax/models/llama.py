@@ -57,6 +57,7 @@ class Attention(nnx.Module):
     def __call__(self, x, cos, sin, positions, cache):
         c = self.config
         batch, seq, _ = x.shape
+        x = _rows(x)
         q = self.q_proj(x).reshape(batch, seq, c.num_attention_heads, c.head_dim)
         k = self.k_proj(x).reshape(batch, seq, c.num_key_value_heads, c.head_dim)
         v = self.v_proj(x).reshape(batch, seq, c.num_key_value_heads, c.head_dim)
@@ -79,7 +80,7 @@ class Attention(nnx.Module):
             out = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
                                                mask=mask)
             new_cache = {"k": k_all, "v": v_all}
-        return self.o_proj(out.reshape(batch, seq, -1)), new_cache
+        return self.o_proj(out.reshape(batch * seq, -1)).reshape(batch, seq, -1), new_cache
 
 
 class MLP(nnx.Module):
@@ -92,7 +93,9 @@ class MLP(nnx.Module):
         self.down_proj = _linear(c, c.intermediate_size, c.hidden_size, c.mlp_bias, rngs)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        rows = _rows(x)
+        out = self.down_proj(jax.nn.silu(self.gate_proj(rows)) * self.up_proj(rows))
+        return out.reshape(x.shape[:-1] + out.shape[-1:])
 
 
 class DecoderLayer(nnx.Module):
@@ -162,14 +165,22 @@ class LlamaForCausalLM(nnx.Module):
 
     def head(self, h: jax.Array) -> jax.Array:
         """Float32 logits from final hidden states (tied: ``h @ embed_tokens^T``)."""
+        rows = _rows(h)
         if self.config.tie_word_embeddings:
-            out = self.model.embed_tokens.attend(h)
+            out = self.model.embed_tokens.attend(rows)
         else:
-            out = self.lm_head(h)
-        return out.astype(jnp.float32)
+            out = self.lm_head(rows)
+        return out.reshape(h.shape[:-1] + out.shape[-1:]).astype(jnp.float32)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
         return self.head(self.hidden_states(tokens, positions)[0])
+
+
+def _rows(x: jax.Array) -> jax.Array:
+    """``[..., features]`` -> ``[rows, features]``. Projections run on 2-D activations because
+    XLA:CPU's weight-gradient dot contracting over (batch, seq) together measured ~1.6x slower
+    than the same dot over one flattened axis."""
+    return x.reshape(-1, x.shape[-1])
 
 
 def _default_positions(batch: int, seq: int) -> jax.Array:
