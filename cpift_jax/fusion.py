@@ -60,7 +60,7 @@ from cpift_jax import sharding
 from cpift_jax import tree as tree_lib
 from cpift_jax.merges import slerp as slerp_lib
 
-__all__ = ["fuse", "OVERLAP_RULES"]
+__all__ = ["fuse", "fuse_leafwise", "OVERLAP_RULES"]
 
 Pytree = Any
 OVERLAP_RULES = ("max_delta", "mean", "first")
@@ -294,6 +294,25 @@ def _operator_merge(name: str, backbone, tuned_models, core_masks, merge_kwargs:
     if "mask" in inspect.signature(fn).parameters:
         kwargs["mask"] = jax.tree.map(lambda *ms: ~functools.reduce(operator.or_, ms), *core_masks)
     return fn(list(tuned_models), base=backbone, **kwargs)
+
+
+def fuse_leafwise(backbone, tuned_models, core_masks, *, merge: str = "slerp",
+                  overlap: str = "max_delta", **merge_kwargs):
+    """``fuse`` from whole-leaf jittable parts, for traced inputs (``fuse`` dispatches its
+    precompiled kernels and builds its report in NumPy): the registry operator ``merge`` on the
+    non-core entries (``mask=~U`` where it takes one), then the overlap rule on U. No report, no
+    mesh; values equal ``fuse``'s to float32 rounding."""
+    merged = _operator_merge(merge, backbone, tuned_models, core_masks, merge_kwargs)
+    n = len(tuned_models)
+
+    def leaf(b, m, *rest):
+        xs, ms = rest[:n], rest[n:]
+        core, _ = _core_choice(b.astype(jnp.float32), [x.astype(jnp.float32) for x in xs], ms,
+                               overlap)
+        union = functools.reduce(operator.or_, ms)
+        return jnp.where(union, core, m.astype(jnp.float32)).astype(b.dtype)
+
+    return jax.tree.map(leaf, backbone, merged, *tuned_models, *core_masks)
 
 
 def _report(counts: list, n: int, total: int, merge: str, overlap: str) -> dict:

@@ -27,8 +27,8 @@ are arbitrary tied entries holding base's value). One model: its core is its own
 inner merge of one model is that model, so the model comes back.
 
 Under ``jax.jit`` (traced inputs) ``fusion.fuse`` cannot run: it dispatches precompiled
-per-leaf programs and reads its report back to the host. The same result is then composed from
-jittable parts: ``inner`` on the non-core entries (``mask=~U`` for operators that take a mask,
+per-leaf programs and reads its report back to the host. ``fusion.fuse_leafwise`` then composes
+the same result from jittable parts: ``inner`` on the non-core entries (``mask=~U`` for operators that take a mask,
 as ``fuse`` does), then the core values by the same overlap rule. Eager calls use ``fuse``; the
 conformance test checks that both paths agree. The NaN/Inf check on the deltas is skipped
 under jit (``core_mask`` reads values only when eager).
@@ -36,18 +36,13 @@ under jit (``core_mask`` reads values only when eager).
 
 from __future__ import annotations
 
-import functools
-import inspect
-import operator
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 
 from cpift_jax import fusion
 from cpift_jax import masks as masks_lib
-from cpift_jax import merges
-from cpift_jax.merges._common import check_models, f32
+from cpift_jax.merges._common import check_models
 
 REQUIRES_BASE = True
 FORWARDS_KWARGS = True  # **inner_kw go to ``inner``, which rejects unknown names
@@ -79,47 +74,9 @@ def merge(
         raise ValueError(f"overlap must be one of {fusion.OVERLAP_RULES}, got {overlap!r}")
     core_masks = [masks_lib.core_mask(base, m, fraction, scope) for m in models]
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(base)):
-        return _traced_fuse(base, list(models), core_masks, inner, overlap, inner_kw)
+        return fusion.fuse_leafwise(base, list(models), core_masks, merge=inner, overlap=overlap,
+                                    **inner_kw)
     fused, _report = fusion.fuse(
         base, list(models), core_masks, merge=inner, overlap=overlap, **inner_kw
     )
     return fused
-
-
-def core_value(base_leaf, model_leaves, mask_leaves, overlap: str):
-    """Per entry, the value the overlap rule picks among the cores holding it (float32)."""
-    b = f32(base_leaf)
-    xs = [f32(x) for x in model_leaves]
-    if overlap == "mean":
-        total = sum(jnp.where(m, x, 0.0) for m, x in zip(mask_leaves, xs))
-        count = sum(m.astype(jnp.float32) for m in mask_leaves)
-        return total / jnp.maximum(count, 1.0)
-    if overlap == "first":
-        value = xs[-1]
-        for m, x in zip(reversed(mask_leaves), reversed(xs)):
-            value = jnp.where(m, x, value)
-        return value
-    # max_delta: only a strictly larger |delta| takes over, so ties stay with the lower index.
-    value, best = xs[0], jnp.where(mask_leaves[0], jnp.abs(xs[0] - b), -1.0)
-    for m, x in zip(mask_leaves[1:], xs[1:]):
-        delta = jnp.abs(x - b)
-        take = m & (delta > best)
-        value, best = jnp.where(take, x, value), jnp.where(take, delta, best)
-    return value
-
-
-def _traced_fuse(base, models, core_masks, inner: str, overlap: str, inner_kw: dict):
-    """``fusion.fuse`` from jittable parts (see the module docstring)."""
-    union = jax.tree.map(lambda *ms: functools.reduce(operator.or_, ms), *core_masks)
-    inner_fn = merges.get(inner)
-    kwargs = dict(inner_kw)
-    if "mask" in inspect.signature(inner_fn).parameters:
-        kwargs["mask"] = jax.tree.map(jnp.logical_not, union)
-    merged = inner_fn(models, base=base, **kwargs)
-
-    def leaf(b, u, m, *rest):
-        xs, ms = rest[: len(models)], rest[len(models):]
-        core = core_value(b, xs, ms, overlap)
-        return jnp.where(u, core, f32(m)).astype(b.dtype)
-
-    return jax.tree.map(leaf, base, union, merged, *models, *core_masks)
