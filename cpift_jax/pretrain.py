@@ -25,8 +25,10 @@ from cpift_jax import models
 from cpift_jax import optim
 from cpift_jax import train as train_lib
 from cpift_jax import tree as tree_lib
+from cpift_jax.checkpoint import read_json, write_json
 from cpift_jax.data import batching, corpus
 from cpift_jax.data.tokenizer import Tokenizer
+from cpift_jax.workdir import config_diff
 
 __all__ = ["default_config", "pretrain_base", "save_npz", "load_npz"]
 
@@ -88,18 +90,6 @@ def _meta(model_config, tokenizer, suite_config, config) -> dict:
     return json.loads(json.dumps(meta, default=str))
 
 
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(a) | set(b))
-    out = []
-    for k in keys:
-        va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _diff(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            out.append(f"{prefix}{k}")
-    return out
-
-
 def pretrain_base(
     cache_dir: str | os.PathLike,
     model_config: models.ModelConfig,
@@ -121,8 +111,7 @@ def pretrain_base(
     meta = _meta(model_config, tokenizer, suite_config, config)
     like = models.abstract_params(model_config)
     if (cache / _META).exists():
-        stored = json.loads((cache / _META).read_text())
-        differing = _diff(stored, meta)
+        differing = config_diff(read_json(cache / _META), meta)
         if differing:
             raise ValueError(
                 f"{cache / _META} was made with different settings ({', '.join(differing)}); "
@@ -141,7 +130,5 @@ def pretrain_base(
         description="pretrain",
     )
     save_npz(cache / _PARAMS, params)
-    tmp = cache / (_META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
-    os.replace(tmp, cache / _META)
+    write_json(cache / _META, meta)
     return load_npz(cache / _PARAMS, like)
