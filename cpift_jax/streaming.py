@@ -9,9 +9,12 @@ model (and the base), merge it with ``cpift_jax.merges.get(operator)`` applied t
 pytrees, append the result to the current output shard, drop every reference; the next
 tensor's inputs are read, and the previous result written, in background threads meanwhile.
 Peak memory is about 2 x (number of models + 2) times the largest tensor, plus the operator's
-float32 temporaries,
-whatever the model size: inputs are ``pread`` (nothing memory-mapped) and shards are written as
-their tensors arrive (``cpift_jax.io.safetensors_io``), so not even one shard is held.
+float32 temporaries and up to two written outputs per distinct tensor shape kept for reuse,
+whatever the model size: inputs are ``pread`` (nothing memory-mapped) into two reused sets of
+aligned host buffers that XLA reads in place, results are computed into the buffers of earlier,
+already written results (``cpift_jax.io.host_buffers``: no page faults after the first tensors),
+and shards are written as their tensors arrive (``cpift_jax.io.safetensors_io``), so not even
+one shard is held.
 
 Inputs: Hugging Face directories or Orbax parameter checkpoints (``cpift_jax.io.checkpoints``).
 Output: a Hugging Face directory with ``config.json`` (from the base, else the first model that
@@ -19,10 +22,11 @@ has one; ``vocab_size`` and dtype updated), ``model-0000i-of-0000n.safetensors``
 ``max_shard_size`` plus ``model.safetensors.index.json``, the tokenizer files of the same
 checkpoint, and ``merge_config.json`` recording the recipe. Everything is written into
 ``<output>.tmp-XXXX`` next to ``output`` and renamed into place only when complete, so a failure
-leaves no output directory.
+leaves no output directory. Shards are written with ``O_DIRECT`` where the filesystem allows it
+(``direct_write``, ``cpift_jax.io.direct_write``).
 
 Execution: ``"jit"`` compiles the operator once per (input shapes, dtypes, hyperparameters) and
-reuses it across tensors (layers share shapes); inputs are donated. ``"eager"`` calls it op by op
+reuses it across tensors (layers share shapes). ``"eager"`` calls it op by op
 (each jnp op is itself compiled once per shape; operators may take NumPy fast paths on concrete
 arrays). ``"auto"`` (default) picks eager for stochastic operators (they take a per-tensor
 Python-int seed, which would recompile every tensor under jit), jit for the rest, and falls back
@@ -34,6 +38,7 @@ draws its own mask and the result is reproducible from ``params.seed``. Per-tens
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import functools
@@ -57,11 +62,15 @@ from tqdm import tqdm
 from cpift_jax import merges
 from cpift_jax import streaming_plan as plan_lib
 from cpift_jax.io import checkpoints as ckpt_lib
+from cpift_jax.io import host_buffers
 from cpift_jax.io import safetensors_io as st
 
 __all__ = ["MergeResult", "TensorMerger", "merge_checkpoints", "merge_from_config", "EXECUTIONS"]
 
 EXECUTIONS = ("auto", "jit", "eager")
+# Written outputs queued behind the one being written: the disk rarely waits for the merge, at
+# the cost of holding that many more outputs in memory.
+_WRITES_IN_FLIGHT = 2
 DEFAULT_MAX_SHARD_SIZE = "2GB"
 _TRACE_ERRORS = (
     jax.errors.ConcretizationTypeError,
@@ -83,10 +92,14 @@ class MergeResult:
     copied_files: tuple[str, ...]
 
 
-def _operator_call(merge_fn, hp: Mapping[str, Any], cast, inputs, base, traced_hp=None):
-    """The operator on one tensor: one-leaf pytrees in, the merged array out."""
+def _operator_call(merge_fn, hp: Mapping[str, Any], cast, stored, inputs, base, traced_hp=None):
+    """The operator on one tensor: one-leaf pytrees in, the merged array out. ``stored`` gives,
+    for each input then the base, the true dtype of inputs passed as raw bits (or None)."""
     if traced_hp:
         hp = {**hp, **traced_hp}
+    inputs = [host_buffers.from_storage(x, d) for x, d in zip(inputs, stored)]
+    if base is not None:
+        base = host_buffers.from_storage(base, stored[len(inputs)])
     if cast is not None:
         inputs = [x.astype(cast) for x in inputs]
         base = None if base is None else base.astype(cast)
@@ -94,8 +107,20 @@ def _operator_call(merge_fn, hp: Mapping[str, Any], cast, inputs, base, traced_h
     return out["w"]
 
 
+def _operator_call_into(merge_fn, hp, cast, stored, spare, inputs, base, traced_hp):
+    """``_operator_call`` with a donated, unused ``spare`` output-sized array: XLA writes the
+    result into its buffer (memory already paged in) instead of a fresh allocation."""
+    del spare
+    return _operator_call(merge_fn, hp, cast, stored, inputs, base, traced_hp)
+
+
 class TensorMerger:
-    """Applies one operator tensor by tensor, compiling once per distinct call signature."""
+    """Applies one operator tensor by tensor, compiling once per distinct call signature.
+
+    Inputs are jax arrays (possibly zero-copy views of host buffers, see
+    ``cpift_jax.io.host_buffers``), so they are never donated; instead outputs handed back with
+    ``recycle`` once written are donated as the buffer of a later output of the same shape.
+    """
 
     def __init__(self, operator: str, execution: str = "auto"):
         if execution not in EXECUTIONS:
@@ -109,6 +134,7 @@ class TensorMerger:
         self.execution = execution
         self._jitted: dict[tuple, Any] = {}
         self._signatures: set[tuple] = set()
+        self._spares = host_buffers.SparePool(per_shape=_WRITES_IN_FLIGHT + 1)
         # Float hyperparameters go in as traced scalars, so a layer gradient of t compiles once
         # per shape instead of once per layer; operators that need them as Python numbers
         # (a top-k count from a density) fail to trace and are then compiled per value.
@@ -121,45 +147,63 @@ class TensorMerger:
 
     def __call__(self, inputs: list, base, hp: Mapping[str, Any], cast=None) -> np.ndarray:
         """Merged tensor as a numpy array; ``inputs``/``base`` are numpy or jax arrays."""
+        return np.asarray(self.merge([jnp.asarray(x) for x in inputs],
+                                     None if base is None else jnp.asarray(base), hp, cast))
+
+    def merge(self, inputs: list, base, hp: Mapping[str, Any], cast=None,
+              stored: Sequence | None = None) -> jax.Array:
+        """Merged tensor; ``inputs``/``base`` are jax arrays, ``stored`` their true dtypes when
+        they hold raw bits (``host_buffers.to_jax``), one per input then the base."""
+        stored = tuple(stored) if stored is not None else (None,) * (len(inputs) + 1)
+        stored = tuple(None if d is None else np.dtype(d) for d in stored)
         if self.execution == "jit":
             try:
-                return self._jit_call(inputs, base, hp, cast)
+                return self._jit_call(inputs, base, hp, cast, stored)
             except _TRACE_ERRORS as err:
                 logging.warning("operator %r cannot be traced by jax.jit (%s); running it "
                                 "eagerly", self.operator, type(err).__name__)
                 self.execution = "eager"
-        inputs = [jnp.asarray(x) for x in inputs]
-        base = None if base is None else jnp.asarray(base)
-        return np.asarray(_operator_call(self.merge_fn, hp, cast, inputs, base))
+        return _operator_call(self.merge_fn, hp, cast, stored, inputs, base)
 
-    def _jit_call(self, inputs, base, hp, cast):
+    def recycle(self, output: jax.Array) -> None:
+        """Hands back a result of ``merge`` that is written and has no live NumPy view."""
+        if self.execution == "jit":
+            self._spares.put(output)
+
+    def _jit_call(self, inputs, base, hp, cast, stored):
         if self._trace_floats:
             traced = {k: v for k, v in hp.items() if isinstance(v, float)}
             try:
-                return self._jit_call_split(inputs, base, hp, traced, cast)
+                return self._jit_call_split(inputs, base, hp, traced, cast, stored)
             except (TypeError, ValueError, *_TRACE_ERRORS):
                 # The dry run already validated these values eagerly, so the failure comes from
                 # tracing them; compile them in as constants from now on.
                 self._trace_floats = False
                 self._jitted.clear()
                 self._signatures.clear()
-        return self._jit_call_split(inputs, base, hp, {}, cast)
+        return self._jit_call_split(inputs, base, hp, {}, cast, stored)
 
-    def _jit_call_split(self, inputs, base, hp, traced, cast):
+    def _jit_call_split(self, inputs, base, hp, traced, cast, stored):
         static = {k: v for k, v in hp.items() if k not in traced}
         key = (tuple(sorted(static.items())), tuple(sorted(traced)),
-               None if cast is None else np.dtype(cast).name)
+               None if cast is None else np.dtype(cast).name, stored)
+        # Operators return the inputs' shape and dtype; a spare of that shape becomes the output.
+        # Without one a zero array stands in (one compiled program per shape, not two).
+        out_dtype = cast if cast is not None else (stored[0] or inputs[0].dtype)
+        spare = self._spares.take(inputs[0].shape, out_dtype)
+        if spare is None:
+            spare = jnp.zeros(inputs[0].shape, out_dtype, device=inputs[0].sharding)
         fn = self._jitted.get(key)
         if fn is None:
-            fn = jax.jit(functools.partial(_operator_call, self.merge_fn, static, cast),
-                         donate_argnums=(0, 1))
+            fn = jax.jit(functools.partial(_operator_call_into, self.merge_fn, static, cast, stored),
+                         donate_argnums=(0,), keep_unused=True)
             self._jitted[key] = fn
         self._signatures.add(key + tuple((x.shape, str(x.dtype)) for x in inputs))
         values = {k: np.float32(v) for k, v in traced.items()}
         with warnings.catch_warnings():
-            # Only one input buffer can become the output; the others are freed, not reused.
+            # An operator returning another shape or dtype cannot use the spare; it is freed.
             warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-            return np.asarray(fn(list(inputs), base, values))
+            return fn(spare, list(inputs), base, values)
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -212,19 +256,6 @@ def _output_config(config: dict, vocab_rows: int | None, dtype) -> dict:
     return config
 
 
-def _read_inputs(sources, name: str, rows: int | None) -> list:
-    """Each source's tensor, first ``rows`` rows only; moved to jax one by one so that at most
-    one extra host copy exists at a time."""
-    out = []
-    for source in sources:
-        array = source.read(name)
-        if rows is not None:
-            array = array[:rows]
-        out.append(jax.device_put(array) if np.issubdtype(array.dtype, np.floating) else array)
-        del array
-    return out
-
-
 def merge_checkpoints(
     models: Sequence[str],
     output: str,
@@ -238,6 +269,7 @@ def merge_checkpoints(
     truncate_vocab: bool = False,
     overwrite: bool = False,
     execution: str = "auto",
+    direct_write: bool = True,
     progress: bool = True,
 ) -> MergeResult:
     """Merges checkpoint directories into a new Hugging Face directory (module docstring)."""
@@ -284,7 +316,7 @@ def merge_checkpoints(
         parent = os.path.dirname(output)
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=os.path.basename(output) + ".tmp-", dir=parent)
-        writer = st.ShardedWriter(tmp, shards)
+        writer = st.ShardedWriter(tmp, shards, direct=direct_write)
         try:
             _stream(merger, plans, hps, sources, base_source, cast, writer, progress)
             writer.finish()
@@ -309,8 +341,12 @@ def merge_checkpoints(
 
 
 def _dry_run(merger, plans, hps, n_models, has_base, cast) -> None:
-    """Runs the operator eagerly on tiny arrays once per distinct hyperparameter set, so that a
-    bad value in a rule that only matches late tensors fails now, naming the first tensor."""
+    """Traces the operator on tiny arrays once per distinct hyperparameter set, so that a bad
+    value in a rule that only matches late tensors fails now, naming the first tensor.
+
+    ``jax.eval_shape`` runs every Python-level check without computing anything (eager runs
+    of a per-layer gradient's ~40 distinct sets cost ~2 s); operators that need concrete
+    arrays are run eagerly instead."""
     seen = set()
     # An operator whose *default* scope is global (cpi) must be refused too, not run per tensor.
     scope = inspect.signature(merger.merge_fn).parameters.get("scope")
@@ -329,9 +365,14 @@ def _dry_run(merger, plans, hps, n_models, has_base, cast) -> None:
         shape = (2,) * len(plan.out.shape)
         inputs = [rng.normal(size=shape).astype(dtype) for _ in range(n_models)]
         base = rng.normal(size=shape).astype(dtype) if has_base else None
+        call = functools.partial(_operator_call, merger.merge_fn, hp, None, (None,) * (n_models + 1))
+        inputs = [jnp.asarray(x) for x in inputs]
+        base = None if base is None else jnp.asarray(base)
         try:
-            _operator_call(merger.merge_fn, hp, None, [jnp.asarray(x) for x in inputs],
-                           None if base is None else jnp.asarray(base))
+            try:
+                jax.eval_shape(call, inputs, base)
+            except _TRACE_ERRORS:
+                call(inputs, base)
         except (ValueError, TypeError) as err:
             raise ValueError(f"operator {merger.operator!r} rejects the hyperparameters of tensor "
                              f"'{plan.name}' ({dict(hp)}): {err}") from err
@@ -341,43 +382,87 @@ def _stream(merger, plans, hps, sources, base_source, cast, writer, progress) ->
     total = sum(p.out.nbytes for p in plans)
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
                desc="merging", dynamic_ncols=True)
-    def load(plan):
-        inputs = _read_inputs(sources, plan.name, plan.rows)
-        base = None
-        if base_source is not None:
-            base = _read_inputs([base_source], plan.name, plan.rows)[0]
-        return inputs, base
+    readers = sources + ([base_source] if base_source is not None else [])
+    # Two slots: the tensor being merged and the one being read. Sources that cannot read in
+    # place (Orbax) get no buffers.
+    staging = host_buffers.Staging([
+        max((r.specs[p.name].nbytes for p in plans), default=0) if r.reads_into_buffer else 0
+        for r in readers])
+
+    def load(plan, slot):
+        arrays = []
+        for k, reader in enumerate(readers):
+            buffer = staging.buffer(slot, k) if reader.reads_into_buffer else None
+            array = reader.read(plan.name, buffer)
+            arrays.append(array if plan.rows is None else array[: plan.rows])
+        return arrays
+
+    def write(name, box):
+        array = box.pop()  # the only reference, dropped on return: the output can be recycled
+        writer.write(name, array)
 
     # The next tensor is read, and the previous one written, while this one merges: reads are
     # positional (pread), and file I/O and XLA release the GIL, so disk and compute overlap.
-    # This holds one more set of inputs and one more output in memory.
+    # This holds one more set of inputs and up to _WRITES_IN_FLIGHT more outputs in memory.
     executor = concurrent.futures.ThreadPoolExecutor
     with bar, executor(1, thread_name_prefix="prefetch") as pool, \
             executor(1, thread_name_prefix="write") as write_pool:
-        pending = pool.submit(load, plans[0]) if plans else None
-        writing = None
+        pending = pool.submit(load, plans[0], 0) if plans else None
+        writes = collections.deque()  # (future, output to recycle once written)
+        # Where the main thread waits tells which stage bounds the merge (logged at the end).
+        waits = {"reads": 0.0, "merge": 0.0, "writes": 0.0}
+        clock = time.perf_counter
         for i, plan in enumerate(plans):
-            inputs, base = pending.result()
-            pending = pool.submit(load, plans[i + 1]) if i + 1 < len(plans) else None
+            tick = clock()
+            arrays = pending.result()
+            waits["reads"] += clock() - tick
+            tick = clock()
+            pending = pool.submit(load, plans[i + 1], (i + 1) % 2) if i + 1 < len(plans) else None
+            out = None
             if plan.mergeable:
-                merged = merger(inputs, base, hps[plan.name], cast)
+                handed = [host_buffers.to_jax(a) for a in arrays]  # zero-copy views
+                del arrays
+                xs, stored = [x for x, _ in handed], [d for _, d in handed]
+                has_base = base_source is not None
+                out = merger.merge(xs[: len(sources)], xs[-1] if has_base else None,
+                                   hps[plan.name], cast, stored)
+                del handed, xs
+                merged = np.asarray(out)  # waits for the result
             else:
-                merged = _copy_if_equal(plan.name, inputs, base, sources, base_source)
-            del inputs, base
+                merged = _copy_if_equal(plan.name, arrays, sources, base_source)
+                del arrays
             if merged.dtype != plan.out.dtype:
-                merged = merged.astype(plan.out.dtype)
-            if writing is not None:
-                writing.result()  # one write in flight: shards stay in order, memory bounded
-            writing = write_pool.submit(writer.write, plan.name, merged)
-            del merged
+                merged, out = merged.astype(plan.out.dtype), None
+            elif staging.holds(merged):
+                # An operator that returns an input unchanged returns a staging view, which the
+                # read after next overwrites.
+                merged, out = merged.copy(), None
+            waits["merge"] += clock() - tick
+            while len(writes) >= _WRITES_IN_FLIGHT:  # bounded memory; one writer keeps order
+                tick = clock()
+                done, written = writes.popleft()
+                done.result()
+                waits["writes"] += clock() - tick
+                if written is not None:
+                    merger.recycle(written)
+            writes.append((write_pool.submit(write, plan.name, [merged]), out))
+            del merged, out
             bar.update(plan.out.nbytes)
             bar.set_postfix_str(f"{i + 1}/{len(plans)} tensors", refresh=False)
-        if writing is not None:
-            writing.result()
+        tick = clock()
+        for done, _ in writes:
+            done.result()
+        waits["writes"] += clock() - tick
+    logging.info("main thread: %.1f s merging, %.1f s waiting for reads, %.1f s for writes; "
+                 "%.2f GB of staging buffers", waits["merge"], waits["reads"], waits["writes"],
+                 staging.nbytes / 1e9)
 
 
-def _copy_if_equal(name, inputs, base, sources, base_source):
-    arrays = ([np.asarray(base)] if base is not None else []) + [np.asarray(x) for x in inputs]
+def _copy_if_equal(name, arrays, sources, base_source):
+    """The input tensor (of a dtype that is not merged) if every input holds the same one;
+    ``arrays`` are the models' then the base's."""
+    if base_source is not None:
+        arrays = arrays[-1:] + arrays[:-1]
     labels = ([base_source.path] if base_source else []) + [s.path for s in sources]
     for label, array in zip(labels[1:], arrays[1:]):
         if not np.array_equal(arrays[0], array):
@@ -409,5 +494,6 @@ def merge_from_config(config) -> MergeResult:
         truncate_vocab=config.truncate_vocab,
         overwrite=config.overwrite,
         execution=config.execution,
+        direct_write=config.get("direct_write", True),
         progress=config.progress,
     )

@@ -27,6 +27,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from cpift_jax import hparams as hparams_lib
@@ -136,7 +137,8 @@ def plan_tensors(
     for name in names:
         dtypes = {src.specs[name].dtype for _, src in sources}
         spec = sources[0][1].specs[name]
-        floating = all(np.issubdtype(d, np.floating) for d in dtypes)
+        # jnp's test: NumPy does not count ml_dtypes' bfloat16 / float8 as floating.
+        floating = all(jnp.issubdtype(d, jnp.floating) for d in dtypes)
         if len(dtypes) > 1 and not (floating and cast is not None):
             raise ValueError(
                 f"dtype mismatch on tensor '{name}': {_describe(sources, name, lambda s: s.dtype)}"

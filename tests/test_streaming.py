@@ -314,3 +314,59 @@ def test_operators_ranking_the_whole_model_are_refused_not_run_per_tensor(ckpts,
                                     base=ckpts["base"], params={"scope": "global"},
                                     progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_hyperparameter_in_a_late_rule_fails_before_anything_is_written(ckpts, tmp_path):
+    with pytest.raises(ValueError, match=r"rejects the hyperparameters of tensor 'lm_head\.weight'"):
+        streaming.merge_checkpoints(models_of(ckpts, ("m0", "m1")), str(tmp_path / "out"),
+                                    operator="slerp", rules=[(r"lm_head\.weight", {"t": 1.5})],
+                                    progress=False)
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------- host buffers and dtypes
+
+
+def test_bfloat16_checkpoints_merge_like_the_in_memory_operator(ckpts, tmp_path):
+    """bfloat16 crosses into XLA as raw 16-bit words (DLPack has no bfloat16) and is bit-cast
+    back inside the jitted operator."""
+    import ml_dtypes
+
+    names = ("m0", "m1", "m2")
+    paths = [write_like(tmp_path / f"bf16_{n}", {k: v.astype(ml_dtypes.bfloat16)
+                                                for k, v in read_dir(ckpts[n]).items()})
+             for n in names]
+    out = str(tmp_path / "out")
+    streaming.merge_checkpoints(paths, out, operator="slerp", progress=False)
+    models = [{k: jnp.asarray(v) for k, v in read_dir(p).items()} for p in paths]
+    expected = merges.get("slerp")(models)
+    merged = read_dir(out)
+    for name, want in expected.items():
+        assert merged[name].dtype == ml_dtypes.bfloat16, name
+        np.testing.assert_allclose(merged[name].astype(np.float32),
+                                   np.asarray(want, np.float32), rtol=1e-2, atol=1e-3,
+                                   err_msg=name)
+
+
+def test_copied_tensors_do_not_hand_out_a_reused_read_buffer(ckpts, tmp_path, monkeypatch):
+    """Tensors that are not merged (integer buffers) are passed through as read, i.e. as views of
+    a staging buffer that the read two tensors later refills; with writes lagging behind the
+    reads, a missing copy would write the wrong bytes."""
+    import time
+
+    rng = np.random.default_rng(0)
+    extra = {f"model.buffer_{i}": rng.integers(0, 1000, (64, 16)).astype(np.int32)
+             for i in range(6)}
+    paths = [write_like(tmp_path / n, {**read_dir(ckpts[n]), **extra}) for n in ("m0", "m1")]
+    original = st.ShardedWriter.write
+
+    def slow_write(self, name, array):
+        time.sleep(0.02)
+        return original(self, name, array)
+
+    monkeypatch.setattr(st.ShardedWriter, "write", slow_write)
+    out = str(tmp_path / "out")
+    streaming.merge_checkpoints(paths, out, operator="linear", progress=False)
+    merged = read_dir(out)
+    for name, want in extra.items():
+        np.testing.assert_array_equal(merged[name], want, err_msg=name)

@@ -12,7 +12,8 @@
   restore), so Orbax inputs stream too. It has no config.json.
 
 Every source gives ``specs`` (name -> ``TensorSpec`` in storage order, the order that reads
-the files front to back) and ``read(name)`` (a fresh numpy array).
+the files front to back) and ``read(name, buffer=None)`` (a numpy array; Hugging Face sources
+read into ``buffer`` when given one).
 """
 
 from __future__ import annotations
@@ -55,13 +56,16 @@ class Checkpoint:
     """A source of named tensors; subclasses fill ``specs`` and implement ``read``."""
 
     kind = "?"
+    reads_into_buffer = False  # whether read() uses its buffer argument
 
     def __init__(self, path: str):
         self.path = path
         self.specs: dict[str, st.TensorSpec] = {}
         self.config: dict | None = None
 
-    def read(self, name: str) -> np.ndarray:
+    def read(self, name: str, buffer: np.ndarray | None = None) -> np.ndarray:
+        """The tensor ``name``; sources that can read in place put it into the first bytes of
+        ``buffer`` (a uint8 array, see ``safetensors_io.Reader.read``), others ignore it."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -73,6 +77,7 @@ class Checkpoint:
 
 class HFCheckpoint(Checkpoint):
     kind = "hf"
+    reads_into_buffer = True
 
     def __init__(self, path: str):
         super().__init__(path)
@@ -84,8 +89,8 @@ class HFCheckpoint(Checkpoint):
         self.specs = {name: loc.spec for name, loc in self._locations.items()}
         self._reader = st.Reader()
 
-    def read(self, name: str) -> np.ndarray:
-        return self._reader.read(self._locations[name])
+    def read(self, name: str, buffer: np.ndarray | None = None) -> np.ndarray:
+        return self._reader.read(self._locations[name], buffer)
 
     def close(self) -> None:
         self._reader.close()
@@ -168,7 +173,8 @@ class OrbaxCheckpoint(Checkpoint):
             self.specs[name] = spec
             self._leaves[name] = (tuple(k.key for k in keypath), transposed)
 
-    def read(self, name: str) -> np.ndarray:
+    def read(self, name: str, buffer: np.ndarray | None = None) -> np.ndarray:
+        del buffer  # Orbax restores into arrays of its own
         keys, transposed = self._leaves[name]
         item, args = 0, self._ocp.RestoreArgs(restore_type=np.ndarray)
         for key in reversed(keys):

@@ -8,7 +8,8 @@ every tensor is C-contiguous little-endian.
 Why not ``safetensors.safe_open``: it memory-maps the file, and every page a read touches stays
 in the process's resident set while the file is open (a streaming merge would end up "holding"
 every input model), and its numpy back end has no bfloat16. Here a tensor is ``pread`` into a
-fresh array (one copy, nothing stays mapped; bfloat16 and float8 come from ``ml_dtypes``).
+fresh array, or into a caller's reused buffer (one copy, nothing stays mapped; bfloat16 and
+float8 come from ``ml_dtypes``).
 Writing: every tensor's shape and dtype is known before any is computed, so each shard's header
 is written first and the tensors are appended as they arrive; no shard is ever held in memory.
 Files written here are checked against the reference reader in ``tests/test_streaming.py``.
@@ -26,6 +27,8 @@ from collections.abc import Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
+
+from cpift_jax.io.direct_write import SequentialWriter
 
 __all__ = [
     "TensorSpec",
@@ -154,12 +157,19 @@ class Reader:
     def __init__(self):
         self._fds: dict[str, int] = {}
 
-    def read(self, loc: TensorLocation) -> np.ndarray:
-        """A fresh, writable, C-contiguous array holding the tensor at ``loc``."""
+    def read(self, loc: TensorLocation, buffer: np.ndarray | None = None) -> np.ndarray:
+        """A writable, C-contiguous array holding the tensor at ``loc``: fresh, or a view of
+        the first bytes of ``buffer`` (a contiguous uint8 array, reused across reads)."""
         fd = self._fds.get(loc.file)
         if fd is None:
             fd = self._fds[loc.file] = os.open(loc.file, os.O_RDONLY)
-        out = np.empty(loc.spec.shape, loc.spec.dtype)
+        if buffer is None:
+            out = np.empty(loc.spec.shape, loc.spec.dtype)
+        else:
+            if buffer.dtype != np.uint8 or buffer.ndim != 1 or buffer.size < loc.spec.nbytes:
+                raise ValueError(f"'{loc.spec.name}' needs a uint8 buffer of at least "
+                                 f"{loc.spec.nbytes} bytes, got {buffer.dtype}{list(buffer.shape)}")
+            out = buffer[: loc.spec.nbytes].view(loc.spec.dtype).reshape(loc.spec.shape)
         view = memoryview(out.reshape(-1).view(np.uint8))
         done = 0
         while done < len(view):
@@ -241,6 +251,7 @@ class ShardedWriter:
     ``write(name, array)`` appends the next tensor (its name, shape and dtype must be the
     planned ones); ``finish()`` checks every shard is complete and writes
     ``model.safetensors.index.json``. At most one shard file is open at a time.
+    ``direct=True`` writes around the page cache where the filesystem allows it.
     """
 
     def __init__(
@@ -248,7 +259,9 @@ class ShardedWriter:
         directory: str | os.PathLike,
         shards: Sequence[Sequence[TensorSpec]],
         metadata: Mapping[str, str] | None = None,
+        direct: bool = False,
     ):
+        self._direct = direct  # bypass the page cache (``direct_write``)
         self._dir = os.fspath(directory)
         self._shards = [list(s) for s in shards]
         self._metadata = {"format": "pt", **(metadata or {})}
@@ -276,7 +289,7 @@ class ShardedWriter:
             )
         file_name = shard_file_name(shard_index, len(self._shards))
         if self._file is None:
-            self._file = open(os.path.join(self._dir, file_name), "wb")
+            self._file = SequentialWriter(os.path.join(self._dir, file_name), self._direct)
             self._file.write(_header_bytes(self._shards[shard_index], self._metadata))
         data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
         for start in range(0, len(data), _MAX_IO):
