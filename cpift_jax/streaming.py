@@ -48,6 +48,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 import warnings
 import zlib
@@ -133,6 +134,9 @@ class TensorMerger:
             execution = "eager" if self.stochastic else "jit"
         self.execution = execution
         self._jitted: dict[tuple, Any] = {}
+        self._lock = threading.Lock()  # the compile-ahead thread creates programs too
+        self._ahead: dict[tuple, concurrent.futures.Future] = {}
+        self._ahead_pool = None
         self._signatures: set[tuple] = set()
         self._spares = host_buffers.SparePool(per_shape=_WRITES_IN_FLIGHT + 1)
         # Float hyperparameters go in as traced scalars, so a layer gradient of t compiles once
@@ -183,22 +187,64 @@ class TensorMerger:
                 self._signatures.clear()
         return self._jit_call_split(inputs, base, hp, {}, cast, stored)
 
-    def _jit_call_split(self, inputs, base, hp, traced, cast, stored):
+    def _program(self, hp, traced, cast, stored):
+        """(jitted program, its cache key) for these hyperparameters and dtypes."""
         static = {k: v for k, v in hp.items() if k not in traced}
         key = (tuple(sorted(static.items())), tuple(sorted(traced)),
                None if cast is None else np.dtype(cast).name, stored)
+        with self._lock:
+            fn = self._jitted.get(key)
+            if fn is None:
+                fn = jax.jit(functools.partial(_operator_call_into, self.merge_fn, static, cast,
+                                               stored), donate_argnums=(0,), keep_unused=True)
+                self._jitted[key] = fn
+        return fn, key
+
+    @staticmethod
+    def _out_dtype(inputs, cast, stored):
         # Operators return the inputs' shape and dtype; a spare of that shape becomes the output.
-        # Without one a zero array stands in (one compiled program per shape, not two).
-        out_dtype = cast if cast is not None else (stored[0] or inputs[0].dtype)
+        return np.dtype(cast if cast is not None else (stored[0] or inputs[0].dtype))
+
+    def compile_ahead(self, calls) -> None:
+        """Starts compiling, in a background thread and in order, the programs that ``merge``
+        will need for ``calls``: ``(input shapes/dtypes, base or None, hp, cast, stored)``
+        with ``jax.ShapeDtypeStruct`` placeholders as passed to ``merge``. Compilation then
+        overlaps the first reads instead of stalling the stream; ``merge`` waits for a program
+        being compiled ahead rather than compiling it twice. Failures are left to ``merge``."""
+        if self.execution != "jit" or not self._trace_floats:
+            return
+        calls = [(i, b, hp, c, tuple(None if d is None else np.dtype(d) for d in stored))
+                 for i, b, hp, c, stored in calls]
+        self._ahead_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
+        for inputs, base, hp, cast, stored in calls:
+            traced = {k: v for k, v in hp.items() if isinstance(v, float)}
+            fn, key = self._program(hp, traced, cast, stored)
+            signature = key + tuple((x.shape, str(x.dtype)) for x in inputs)
+            if signature not in self._ahead:
+                spare = jax.ShapeDtypeStruct(inputs[0].shape, self._out_dtype(inputs, cast, stored),
+                                             sharding=inputs[0].sharding)
+                values = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in traced}
+                self._ahead[signature] = self._ahead_pool.submit(
+                    lambda fn=fn, args=(spare, list(inputs), base, values): fn.lower(*args).compile())
+
+    def close(self) -> None:
+        """Stops compiling ahead (programs not started are dropped)."""
+        if self._ahead_pool is not None:
+            self._ahead_pool.shutdown(wait=True, cancel_futures=True)
+            self._ahead_pool = None
+
+    def _jit_call_split(self, inputs, base, hp, traced, cast, stored):
+        fn, key = self._program(hp, traced, cast, stored)
+        signature = key + tuple((x.shape, str(x.dtype)) for x in inputs)
+        ahead = self._ahead.pop(signature, None)
+        if ahead is not None:
+            concurrent.futures.wait([ahead])  # its errors resurface in the call below
+        # Without a spare a zero array stands in (one compiled program per shape, not two).
+        out_dtype = self._out_dtype(inputs, cast, stored)
         spare = self._spares.take(inputs[0].shape, out_dtype)
         if spare is None:
             spare = jnp.zeros(inputs[0].shape, out_dtype, device=inputs[0].sharding)
-        fn = self._jitted.get(key)
-        if fn is None:
-            fn = jax.jit(functools.partial(_operator_call_into, self.merge_fn, static, cast, stored),
-                         donate_argnums=(0,), keep_unused=True)
-            self._jitted[key] = fn
-        self._signatures.add(key + tuple((x.shape, str(x.dtype)) for x in inputs))
+        self._signatures.add(signature)
         values = {k: np.float32(v) for k, v in traced.items()}
         with warnings.catch_warnings():
             # An operator returning another shape or dtype cannot use the spare; it is freed.
@@ -389,13 +435,19 @@ def _stream(merger, plans, hps, sources, base_source, cast, writer, progress) ->
         max((r.specs[p.name].nbytes for p in plans), default=0) if r.reads_into_buffer else 0
         for r in readers])
 
-    def load(plan, slot):
+    def load(index, slot):
+        plan = plans[index]
+        if index + 1 < len(plans):  # the kernel reads the tensor after this one meanwhile
+            for reader in readers:
+                reader.will_need(plans[index + 1].name)
         arrays = []
         for k, reader in enumerate(readers):
             buffer = staging.buffer(slot, k) if reader.reads_into_buffer else None
             array = reader.read(plan.name, buffer)
             arrays.append(array if plan.rows is None else array[: plan.rows])
         return arrays
+
+    merger.compile_ahead(_expected_calls(plans, hps, sources, readers, cast))
 
     def write(name, box):
         array = box.pop()  # the only reference, dropped on return: the output can be recycled
@@ -404,58 +456,80 @@ def _stream(merger, plans, hps, sources, base_source, cast, writer, progress) ->
     # The next tensor is read, and the previous one written, while this one merges: reads are
     # positional (pread), and file I/O and XLA release the GIL, so disk and compute overlap.
     # This holds one more set of inputs and up to _WRITES_IN_FLIGHT more outputs in memory.
-    executor = concurrent.futures.ThreadPoolExecutor
-    with bar, executor(1, thread_name_prefix="prefetch") as pool, \
-            executor(1, thread_name_prefix="write") as write_pool:
-        pending = pool.submit(load, plans[0], 0) if plans else None
-        writes = collections.deque()  # (future, output to recycle once written)
-        # Where the main thread waits tells which stage bounds the merge (logged at the end).
-        waits = {"reads": 0.0, "merge": 0.0, "writes": 0.0}
-        clock = time.perf_counter
-        for i, plan in enumerate(plans):
-            tick = clock()
-            arrays = pending.result()
-            waits["reads"] += clock() - tick
-            tick = clock()
-            pending = pool.submit(load, plans[i + 1], (i + 1) % 2) if i + 1 < len(plans) else None
-            out = None
-            if plan.mergeable:
-                handed = [host_buffers.to_jax(a) for a in arrays]  # zero-copy views
-                del arrays
-                xs, stored = [x for x, _ in handed], [d for _, d in handed]
-                has_base = base_source is not None
-                out = merger.merge(xs[: len(sources)], xs[-1] if has_base else None,
-                                   hps[plan.name], cast, stored)
-                del handed, xs
-                merged = np.asarray(out)  # waits for the result
-            else:
-                merged = _copy_if_equal(plan.name, arrays, sources, base_source)
-                del arrays
-            if merged.dtype != plan.out.dtype:
-                merged, out = merged.astype(plan.out.dtype), None
-            elif staging.holds(merged):
-                # An operator that returns an input unchanged returns a staging view, which the
-                # read after next overwrites.
-                merged, out = merged.copy(), None
-            waits["merge"] += clock() - tick
-            while len(writes) >= _WRITES_IN_FLIGHT:  # bounded memory; one writer keeps order
+    try:
+        executor = concurrent.futures.ThreadPoolExecutor
+        with bar, executor(1, thread_name_prefix="prefetch") as pool, \
+                executor(1, thread_name_prefix="write") as write_pool:
+            pending = pool.submit(load, 0, 0) if plans else None
+            writes = collections.deque()  # (future, output to recycle once written)
+            # Where the main thread waits tells which stage bounds the merge (logged at the end).
+            waits = {"reads": 0.0, "merge": 0.0, "writes": 0.0}
+            clock = time.perf_counter
+            for i, plan in enumerate(plans):
                 tick = clock()
-                done, written = writes.popleft()
+                arrays = pending.result()
+                waits["reads"] += clock() - tick
+                tick = clock()
+                pending = pool.submit(load, i + 1, (i + 1) % 2) if i + 1 < len(plans) else None
+                out = None
+                if plan.mergeable:
+                    handed = [host_buffers.to_jax(a) for a in arrays]  # zero-copy views
+                    del arrays
+                    xs, stored = [x for x, _ in handed], [d for _, d in handed]
+                    has_base = base_source is not None
+                    out = merger.merge(xs[: len(sources)], xs[-1] if has_base else None,
+                                       hps[plan.name], cast, stored)
+                    del handed, xs
+                    merged = np.asarray(out)  # waits for the result
+                else:
+                    merged = _copy_if_equal(plan.name, arrays, sources, base_source)
+                    del arrays
+                if merged.dtype != plan.out.dtype:
+                    merged, out = merged.astype(plan.out.dtype), None
+                elif staging.holds(merged):
+                    # An operator that returns an input unchanged returns a staging view, which the
+                    # read after next overwrites.
+                    merged, out = merged.copy(), None
+                waits["merge"] += clock() - tick
+                while len(writes) >= _WRITES_IN_FLIGHT:  # bounded memory; one writer keeps order
+                    tick = clock()
+                    done, written = writes.popleft()
+                    done.result()
+                    waits["writes"] += clock() - tick
+                    if written is not None:
+                        merger.recycle(written)
+                writes.append((write_pool.submit(write, plan.name, [merged]), out))
+                del merged, out
+                bar.update(plan.out.nbytes)
+                bar.set_postfix_str(f"{i + 1}/{len(plans)} tensors", refresh=False)
+            tick = clock()
+            for done, _ in writes:
                 done.result()
-                waits["writes"] += clock() - tick
-                if written is not None:
-                    merger.recycle(written)
-            writes.append((write_pool.submit(write, plan.name, [merged]), out))
-            del merged, out
-            bar.update(plan.out.nbytes)
-            bar.set_postfix_str(f"{i + 1}/{len(plans)} tensors", refresh=False)
-        tick = clock()
-        for done, _ in writes:
-            done.result()
-        waits["writes"] += clock() - tick
+            waits["writes"] += clock() - tick
+    finally:
+        merger.close()
     logging.info("main thread: %.1f s merging, %.1f s waiting for reads, %.1f s for writes; "
                  "%.2f GB of staging buffers", waits["merge"], waits["reads"], waits["writes"],
                  staging.nbytes / 1e9)
+
+
+def _expected_calls(plans, hps, sources, readers, cast) -> list:
+    """``TensorMerger.compile_ahead``'s calls: what ``_stream`` will pass for each tensor."""
+    sharding = jax.sharding.SingleDeviceSharding(host_buffers.host_device())
+    calls = []
+    for plan in plans:
+        if not plan.mergeable:
+            continue
+        placeholders, stored = [], []
+        for reader in readers:
+            dtype = reader.specs[plan.name].dtype
+            storage = host_buffers.storage_dtype(dtype) if reader.reads_into_buffer else None
+            placeholders.append(jax.ShapeDtypeStruct(plan.out.shape, storage or dtype,
+                                                     sharding=sharding))
+            stored.append(None if storage is None else dtype)
+        base = placeholders[-1] if len(readers) > len(sources) else None
+        calls.append((placeholders[: len(sources)], base, hps[plan.name], cast, stored))
+    return calls
 
 
 def _copy_if_equal(name, arrays, sources, base_source):

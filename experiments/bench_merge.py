@@ -12,8 +12,10 @@ Writes a base and 3 fine-tune-like models (base + small noise) of ``--params`` p
 when the spec matches), then for each operator runs ``python -m experiments.merge`` with the
 recipe in configs/merge/ and ``mergekit-yaml`` with the equivalent YAML, each as its own
 subprocess (wall time; peak RSS from ``wait4``'s rusage), and compares the two outputs tensor by
-tensor. Before each timed run its input files are read once (``--warm_cache``), so neither tool
-gains from the other's reads (without it, whichever runs second finds the inputs cached).
+tensor. Before each timed run the other checkpoints are dropped from the page cache and its
+input files are read once (``--warm_cache``), so neither tool gains from the other's reads
+(without it, whichever runs second finds the inputs cached), and
+pending writes are flushed (``sync``), so no run pays for the previous run's output.
 Both compute in float32 (mergekit's ``dtype: float32``) and store ``--dtype``.
 
 Recipes: linear = equal-weight mean of the 3 models; slerp = models 0 and 1 (mergekit's slerp
@@ -165,8 +167,18 @@ def inputs_of(operator: str, paths: list[str]) -> list[str]:
     return {"linear": models, "slerp": models[:2], "ties": [base] + models}[operator]
 
 
-def warm_cache(directories: list[str]) -> None:
-    """Reads every file of ``directories`` once (into the page cache, not into this process)."""
+def warm_cache(directories: list[str], others: list[str]) -> None:
+    """Drops ``others``' files from the page cache, then reads every file of ``directories``
+    once (into the page cache, not into this process). Without the drop, checkpoints used by
+    earlier runs sit on the kernel's active list and this run's inputs, read once, are the
+    first pages evicted when a merge allocates memory: timings then depend on run order."""
+    for directory in others:
+        for name in sorted(os.listdir(directory)):
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
     for directory in directories:
         for name in sorted(os.listdir(directory)):
             with open(os.path.join(directory, name), "rb", buffering=0) as f:
@@ -182,7 +194,9 @@ def our_command(operator: str, paths: list[str], output: str) -> list[str]:
 
 
 def measure(command: list[str], log: str) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GB) of one subprocess; raises if it fails."""
+    """(wall seconds, peak RSS in GB) of one subprocess; raises if it fails. Dirty pages left
+    by the previous run (its output) are flushed first, so no run pays for another's writes."""
+    os.sync()
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
@@ -191,6 +205,8 @@ def measure(command: list[str], log: str) -> tuple[float, float]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"{command[0]} failed ({proc.returncode}); see {log}")
+    print(f"  {os.path.basename(command[0])}: {wall:.1f} s wall, {usage.ru_utime:.1f} s user, "
+          f"{usage.ru_stime:.1f} s system CPU")
     return wall, usage.ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
 
 
@@ -240,8 +256,10 @@ def main(argv):
         for out in (ours_out, kit_out):
             shutil.rmtree(out, ignore_errors=True)
         row = {"operator": operator}
+        inputs = inputs_of(operator, paths)
+        others = [p for p in paths if p not in inputs]
         if _WARM.value:
-            warm_cache(inputs_of(operator, paths))
+            warm_cache(inputs, others)
         row["ours_s"], row["ours_gb"] = measure(our_command(operator, paths, ours_out),
                                                 ours_out + ".log")
         if _MERGEKIT.value:
@@ -250,7 +268,7 @@ def main(argv):
                 f.write(mergekit_yaml(operator, paths, _DTYPE.value))
             per_shard = st.parse_size(_SHARD.value) // dtype.itemsize
             if _WARM.value:
-                warm_cache(inputs_of(operator, paths))
+                warm_cache(inputs, others)
             command = [os.path.join(REPO, _MERGEKIT.value), recipe, kit_out, "--no-cuda", "--no-copy-tokenizer",
                        "--no-write-model-card", "--quiet", f"--out-shard-size={per_shard}"]
             row["kit_s"], row["kit_gb"] = measure(command, kit_out + ".log")

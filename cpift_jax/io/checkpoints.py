@@ -68,6 +68,9 @@ class Checkpoint:
         ``buffer`` (a uint8 array, see ``safetensors_io.Reader.read``), others ignore it."""
         raise NotImplementedError
 
+    def will_need(self, name: str) -> None:
+        """Hint that ``name`` is read soon (sources that can start reading ahead do)."""
+
     def close(self) -> None:
         pass
 
@@ -91,6 +94,9 @@ class HFCheckpoint(Checkpoint):
 
     def read(self, name: str, buffer: np.ndarray | None = None) -> np.ndarray:
         return self._reader.read(self._locations[name], buffer)
+
+    def will_need(self, name: str) -> None:
+        self._reader.will_need(self._locations[name])
 
     def close(self) -> None:
         self._reader.close()

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["ALIGNMENT", "aligned_empty", "Staging", "to_jax", "from_storage", "SparePool"]
+__all__ = ["ALIGNMENT", "aligned_empty", "Staging", "to_jax", "from_storage", "host_device",
+           "SparePool", "storage_dtype"]
 
 ALIGNMENT = 64  # XLA:CPU refuses to alias host memory aligned to less
 _DLPACK_KINDS = "iufc"  # numpy kinds that DLPack carries; ml_dtypes' floats report kind "V"
@@ -63,7 +64,7 @@ class Staging:
         return sum(b.nbytes for slot in self._buffers for b in slot if b is not None)
 
 
-def _storage_dtype(dtype: np.dtype) -> np.dtype | None:
+def storage_dtype(dtype: np.dtype) -> np.dtype | None:
     """Unsigned integer dtype of the same width for dtypes DLPack cannot carry, else None."""
     return None if dtype.kind in _DLPACK_KINDS or dtype == np.bool_ else np.dtype(f"u{dtype.itemsize}")
 
@@ -73,7 +74,7 @@ def to_jax(array: np.ndarray) -> tuple[jax.Array, np.dtype | None]:
     aligned, a copy otherwise. When the true dtype is returned the jax array holds the raw bits
     as unsigned integers; ``from_storage`` restores it (inside jit: a free bitcast)."""
     array = np.asarray(array)
-    storage = _storage_dtype(array.dtype)
+    storage = storage_dtype(array.dtype)
     view = array if storage is None else array.view(storage)
     true_dtype = None if storage is None else array.dtype
     if view.flags.c_contiguous and view.ctypes.data % ALIGNMENT == 0 and view.size:
@@ -81,7 +82,13 @@ def to_jax(array: np.ndarray) -> tuple[jax.Array, np.dtype | None]:
             return jnp.from_dlpack(view, copy=False), true_dtype
         except (BufferError, ValueError, TypeError):
             pass  # an exotic layout or dtype: fall through to a copy
-    return jnp.asarray(array), None
+    return jax.device_put(array, host_device()), None
+
+
+def host_device() -> jax.Device:
+    """The CPU device that DLPack imports of host memory land on (copies go there too, so a
+    merge's inputs never straddle devices)."""
+    return jax.devices("cpu")[0]
 
 
 def from_storage(x: jax.Array, true_dtype) -> jax.Array:

@@ -160,9 +160,7 @@ class Reader:
     def read(self, loc: TensorLocation, buffer: np.ndarray | None = None) -> np.ndarray:
         """A writable, C-contiguous array holding the tensor at ``loc``: fresh, or a view of
         the first bytes of ``buffer`` (a contiguous uint8 array, reused across reads)."""
-        fd = self._fds.get(loc.file)
-        if fd is None:
-            fd = self._fds[loc.file] = os.open(loc.file, os.O_RDONLY)
+        fd = self._fd(loc.file)
         if buffer is None:
             out = np.empty(loc.spec.shape, loc.spec.dtype)
         else:
@@ -178,6 +176,19 @@ class Reader:
                 raise OSError(f"{loc.file}: unexpected end of file reading '{loc.spec.name}'")
             done += got
         return out
+
+    def will_need(self, loc: TensorLocation) -> None:
+        """Asks the kernel to start reading ``loc``'s bytes into the page cache in the
+        background (``posix_fadvise(WILLNEED)``; no-op where unsupported or already cached)."""
+        if hasattr(os, "posix_fadvise") and loc.spec.nbytes:
+            os.posix_fadvise(self._fd(loc.file), loc.offset, loc.spec.nbytes,
+                             os.POSIX_FADV_WILLNEED)
+
+    def _fd(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(file, os.O_RDONLY)
+        return fd
 
     def close(self) -> None:
         for fd in self._fds.values():
