@@ -42,10 +42,12 @@ these are the core sizes); plus ``num_tasks``, ``merge`` and ``overlap_rule``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import inspect
 import operator
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -228,19 +230,71 @@ def _compiled(plan: _Plan, mesh: Mesh | None, donate: bool, platform: str):
     )
 
 
-def _run_leaf(plan, mesh, donate, args):
-    """Both passes of one leaf: (fused leaf, counts)."""
-    backbone, xs, ms, extra = args
-    platform = next(iter(backbone.devices())).platform if isinstance(backbone, jax.Array) else "cpu"
-    stats, apply = _compiled(plan, mesh, donate, platform)
+@functools.lru_cache(maxsize=None)
+def _compiled_block_stats(plan: _Plan, rows: int, platform: str):
+    """Pass 1 over ``rows`` rows of the (rows, cols) view starting at a traced row ``start``:
+    the slice is fused into the reduction (no copy)."""
+
+    def run(start, backbone, xs, ms):
+        view = sharding.row_view(backbone.shape)
+        block = lambda x: jax.lax.dynamic_slice_in_dim(x.reshape(view), start, rows)  # noqa: E731
+        return _stats(block(backbone), tuple(map(block, xs)), tuple(map(block, ms)), plan=plan)
+
+    return jax.jit(run, compiler_options=_compiler_options(platform))
+
+
+def _with_option_fallback(call):
+    """``call()``, retried without the CPU compiler option if this XLA build rejects it."""
     try:
-        gram, counts = stats(backbone, xs, ms)
+        return call()
     except jax.errors.JaxRuntimeError as err:
         if "compile option" not in str(err) or not _STATS_OPTIONS_OK[0]:
             raise
         _STATS_OPTIONS_OK[0] = False
         _compiled.cache_clear()
-        return _run_leaf(plan, mesh, donate, args)
+        _compiled_block_stats.cache_clear()
+        return call()
+
+
+# XLA:CPU runs pass 1's reduction on one thread; leaves of at least this many entries are cut
+# into row blocks whose reductions run in parallel threads (measured 1.6x on two cores).
+_BLOCK_MIN_ENTRIES = 1 << 20
+_STATS_POOL = concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1),
+                                                    thread_name_prefix="fusion-stats")
+
+
+def _submit_stats(plan, mesh, donate, args) -> list[concurrent.futures.Future]:
+    """Pass 1 of one leaf as futures of (gram, counts), one per row block (in row order)."""
+    backbone, xs, ms, _ = args
+    platform = next(iter(backbone.devices())).platform if isinstance(backbone, jax.Array) else "cpu"
+    rows = sharding.row_view(np.shape(backbone), plan.parts)[0]
+    threads = _STATS_POOL._max_workers
+    if mesh is not None or platform != "cpu" or threads < 2 or np.size(backbone) < _BLOCK_MIN_ENTRIES \
+            or rows < threads:
+        stats = _compiled(plan, mesh, donate, platform)[0]
+        return [_STATS_POOL.submit(_with_option_fallback, lambda: stats(backbone, xs, ms))]
+    # Each thread waits for its block: XLA:CPU would otherwise queue the blocks one after another.
+    size = -(-rows // threads)
+    futures = []
+    for start in range(0, rows, size):
+        count = min(size, rows - start)
+        call = lambda start=start, count=count: jax.block_until_ready(  # noqa: E731
+            _compiled_block_stats(plan, count, platform)(np.int32(start), backbone, xs, ms))
+        futures.append(_STATS_POOL.submit(_with_option_fallback, call))
+    return futures
+
+
+def _finish_leaf(plan, mesh, donate, args, stats_futures):
+    """Pass 2 of one leaf once its pass 1 is done: (fused leaf, counts)."""
+    backbone, xs, ms, extra = args
+    parts = [f.result() for f in stats_futures]
+    counts = functools.reduce(operator.add, [c for _, c in parts])
+    gram = None
+    if plan.slerp:
+        grams = [g for g, _ in parts]
+        gram = jnp.concatenate(grams) if plan.rows else functools.reduce(operator.add, grams)
+    platform = next(iter(backbone.devices())).platform if isinstance(backbone, jax.Array) else "cpu"
+    apply = _compiled(plan, mesh, donate, platform)[1]
     return apply(backbone, xs, ms, extra, gram), counts
 
 
@@ -371,7 +425,9 @@ def fuse(
         extras = jax.tree_util.tree_leaves(_operator_merge(merge, backbone, tuned_models, core_masks, merge_kwargs))
 
     total = sum(int(np.prod(np.shape(b))) for b in b_leaves)  # before any donation
-    outs, counts = [], []
+    # Pass 1 of every leaf is queued at once (blocks of big leaves run in parallel threads);
+    # pass 2 of each leaf follows in order as soon as its pass 1 is done.
+    jobs = []
     for j in range(len(paths)):
         shape = np.shape(b_leaves[j])
         split = sharding.is_sharded(shape, mesh)
@@ -382,7 +438,11 @@ def fuse(
         if mesh is not None:
             args = jax.tree.map(lambda x: sharding.place(jnp.asarray(x), mesh, split), args[:3]) + [
                 extras[j] if merge == "slerp" else sharding.place(extras[j], mesh, split)]
-        out, leaf_counts = _run_leaf(plan, mesh if split else None, donate_backbone, args)
+        leaf_mesh = mesh if split else None
+        jobs.append((plan, leaf_mesh, args, _submit_stats(plan, leaf_mesh, donate_backbone, args)))
+    outs, counts = [], []
+    for plan, leaf_mesh, args, stats_futures in jobs:
+        out, leaf_counts = _finish_leaf(plan, leaf_mesh, donate_backbone, args, stats_futures)
         outs.append(out)
         counts.append(leaf_counts)
     return jax.tree_util.tree_unflatten(treedef, outs), _report(counts, n, total, merge, overlap)

@@ -252,6 +252,20 @@ def test_mesh_must_have_one_axis():
         fusion.fuse(backbone, tuned, cores, mesh="d")
 
 
+@pytest.mark.parametrize("granularity", ["leaf", "row"])
+@pytest.mark.parametrize("rows", [9, 7, 1])
+def test_pass_one_in_parallel_row_blocks_equals_one_block(monkeypatch, granularity, rows):
+    """Big leaves' first pass runs as row blocks in threads; sums and counts must not change
+    (odd row counts give a shorter last block; one row cannot be split)."""
+    backbone, tuned, cores = random_case(11, [(rows, 8), (40,), (3, 2, 4)], n=3)
+    whole, whole_report = fusion.fuse(backbone, tuned, cores, granularity=granularity)
+    monkeypatch.setattr(fusion, "_BLOCK_MIN_ENTRIES", 1)
+    monkeypatch.setattr(fusion, "_STATS_POOL", fusion.concurrent.futures.ThreadPoolExecutor(3))
+    blocks, blocks_report = fusion.fuse(backbone, tuned, cores, granularity=granularity)
+    assert blocks_report == whole_report
+    assert_tree_close(blocks, whole, rtol=1e-6, atol=1e-7)
+
+
 # --------------------------------------------------------------------------------- donation
 
 
