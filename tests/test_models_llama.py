@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cpift_jax import models, tree
-from cpift_jax.models.layers import RMSNorm, attention_mask, rope_inv_freq
+from cpift_jax.models.layers import RMSNorm, attention_mask, causal_attention, rope_inv_freq
 
 TINY = models.ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=24,
                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -119,6 +119,19 @@ def test_attention_mask_causal_and_sliding_window():
 
 
 # ----------------------------------------------------------------------------- params & forward
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (6, 1)])
+def test_causal_attention_equals_the_reference_attention(heads, kv_heads):
+    keys = jax.random.split(jax.random.PRNGKey(heads * 10 + kv_heads), 3)
+    q = jax.random.normal(keys[0], (2, 7, heads, 8))
+    k, v = (jax.random.normal(key, (2, 7, kv_heads, 8)) for key in keys[1:])
+    expected = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    np.testing.assert_allclose(causal_attention(q, k, v), expected, rtol=1e-5, atol=1e-6)
+    # bfloat16 inputs: float32 scores and softmax, result in bfloat16.
+    out = causal_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=5e-2)
 
 
 def test_param_layout_is_hf_like():

@@ -88,3 +88,30 @@ def attention_mask(
     if sliding_window is not None:
         visible &= k > q - sliding_window
     return visible[:, None, :, :]
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Causal grouped-query attention ``softmax(q k^T / sqrt(d) + causal) v`` over
+    ``q`` ``[batch, seq, heads, head_dim]`` and ``k``, ``v`` ``[batch, seq, kv_heads, head_dim]``
+    (Vaswani et al. 2017; GQA: Ainslie et al. 2023), scores and softmax in float32.
+
+    Same values as ``jax.nn.dot_product_attention(q, k, v, is_causal=True)``; written out so
+    that every dot has its batch dimensions leading: the query groups sharing a KV head are
+    stacked into one ``[groups * seq, head_dim]`` matrix per (batch, kv head), and XLA:CPU
+    then needs no transposes of the score tensors (measured 1.3x faster forward + backward
+    at the 10M benchmark's shapes).
+    """
+    batch, seq, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    groups = heads // kv_heads
+    # [batch, kv_heads, groups * seq, dim]: query row r is position r % seq of group r // seq.
+    qg = q.reshape(batch, seq, kv_heads, groups, dim).transpose(0, 2, 3, 1, 4)
+    qg = qg.reshape(batch, kv_heads, groups * seq, dim)
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkqd,bksd->bkqs", qg, kt, preferred_element_type=jnp.float32)
+    scores = scores * np.float32(1.0 / math.sqrt(dim))
+    query_pos = jnp.tile(jnp.arange(seq), groups)
+    visible = query_pos[:, None] >= jnp.arange(seq)[None, :]
+    probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, vt).reshape(batch, kv_heads, groups, seq, dim)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, heads, dim)

@@ -1,8 +1,9 @@
 """Flax NNX Llama-family decoder (Llama 1/2/3, Mistral, Qwen2) from one ``ModelConfig``.
 
 Pre-norm decoder (Touvron et al. 2023): ``h += Attn(RMSNorm(h)); h += SwiGLU(RMSNorm(h))`` with
-rotary position embeddings and grouped-query attention through
-``jax.nn.dot_product_attention``. Attribute names follow transformers' ``LlamaForCausalLM`` so a
+rotary position embeddings and grouped-query attention (``layers.causal_attention`` for
+training-style calls, ``jax.nn.dot_product_attention`` with explicit masks otherwise).
+Attribute names follow transformers' ``LlamaForCausalLM`` so a
 parameter's path is its HF tensor name with "." -> "/" and ``weight`` -> ``kernel`` (transposed,
 for linears) or ``embedding`` (for the token embedding):
 
@@ -26,7 +27,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cpift_jax.models.config import ModelConfig
-from cpift_jax.models.layers import RMSNorm, apply_rope, attention_mask, rope_cos_sin
+from cpift_jax.models.layers import (RMSNorm, apply_rope, attention_mask, causal_attention,
+                                     rope_cos_sin)
 
 KVCache = list  # [{"k": [B, S, K, H], "v": [B, S, K, H]}] * num_hidden_layers
 
@@ -64,7 +66,7 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             if positions is None and c.sliding_window is None:
-                out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+                out = causal_attention(q, k, v)
             else:
                 pos = positions if positions is not None else _default_positions(batch, seq)
                 mask = attention_mask(pos, pos, c.sliding_window)
