@@ -440,12 +440,14 @@ def _stream(merger, plans, hps, sources, base_source, cast, writer, progress) ->
         if index + 1 < len(plans):  # the kernel reads the tensor after this one meanwhile
             for reader in readers:
                 reader.will_need(plans[index + 1].name)
-        arrays = []
-        for k, reader in enumerate(readers):
-            buffer = staging.buffer(slot, k) if reader.reads_into_buffer else None
-            array = reader.read(plan.name, buffer)
-            arrays.append(array if plan.rows is None else array[: plan.rows])
-        return arrays
+        def read(k):
+            buffer = staging.buffer(slot, k) if readers[k].reads_into_buffer else None
+            array = readers[k].read(plan.name, buffer)
+            return array if plan.rows is None else array[: plan.rows]
+
+        # One thread per input: a read from the page cache is a CPU-bound copy in the kernel,
+        # so the inputs' copies proceed side by side on the cores the merge leaves free.
+        return list(read_pool.map(read, range(len(readers))))
 
     merger.compile_ahead(_expected_calls(plans, hps, sources, readers, cast))
 
@@ -459,6 +461,7 @@ def _stream(merger, plans, hps, sources, base_source, cast, writer, progress) ->
     try:
         executor = concurrent.futures.ThreadPoolExecutor
         with bar, executor(1, thread_name_prefix="prefetch") as pool, \
+                executor(len(readers), thread_name_prefix="read") as read_pool, \
                 executor(1, thread_name_prefix="write") as write_pool:
             pending = pool.submit(load, 0, 0) if plans else None
             writes = collections.deque()  # (future, output to recycle once written)
