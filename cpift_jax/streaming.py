@@ -8,10 +8,10 @@ For every tensor name, in the reference checkpoint's storage order: read that te
 model (and the base), merge it with ``cpift_jax.merges.get(operator)`` applied to one-leaf
 pytrees, append the result to the current output shard, drop every reference; the next
 tensor's inputs are read, and the previous result written, in background threads meanwhile.
-Peak memory is about 2 x (number of models + 2) times the largest tensor, plus the operator's
+Peak memory is about 3 x (number of models + 2) times the largest tensor, plus the operator's
 float32 temporaries and up to two written outputs per distinct tensor shape kept for reuse,
-whatever the model size: inputs are ``pread`` (nothing memory-mapped) into two reused sets of
-aligned host buffers that XLA reads in place, results are computed into the buffers of earlier,
+whatever the model size: inputs are ``pread`` (nothing memory-mapped) into three reused sets of
+aligned host buffers (one merged, two read ahead) that XLA reads in place, results are computed into the buffers of earlier,
 already written results (``cpift_jax.io.host_buffers``: no page faults after the first tensors),
 and shards are written as their tensors arrive (``cpift_jax.io.safetensors_io``), so not even
 one shard is held.
@@ -72,6 +72,9 @@ EXECUTIONS = ("auto", "jit", "eager")
 # Written outputs queued behind the one being written: the disk rarely waits for the merge, at
 # the cost of holding that many more outputs in memory.
 _WRITES_IN_FLIGHT = 2
+# Tensors read ahead of the one being merged; with the one being merged, that many staging slots.
+_READ_AHEAD = 2
+_SLOTS = _READ_AHEAD + 1
 DEFAULT_MAX_SHARD_SIZE = "2GB"
 _TRACE_ERRORS = (
     jax.errors.ConcretizationTypeError,
@@ -429,11 +432,11 @@ def _stream(merger, plans, hps, sources, base_source, cast, writer, progress) ->
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
                desc="merging", dynamic_ncols=True)
     readers = sources + ([base_source] if base_source is not None else [])
-    # Two slots: the tensor being merged and the one being read. Sources that cannot read in
-    # place (Orbax) get no buffers.
+    # Slots for the tensor being merged and the ones being read ahead. Sources that cannot read
+    # in place (Orbax) get no buffers.
     staging = host_buffers.Staging([
         max((r.specs[p.name].nbytes for p in plans), default=0) if r.reads_into_buffer else 0
-        for r in readers])
+        for r in readers], slots=_SLOTS)
 
     def load(index, slot):
         plan = plans[index]
@@ -463,17 +466,21 @@ def _stream(merger, plans, hps, sources, base_source, cast, writer, progress) ->
         with bar, executor(1, thread_name_prefix="prefetch") as pool, \
                 executor(len(readers), thread_name_prefix="read") as read_pool, \
                 executor(1, thread_name_prefix="write") as write_pool:
-            pending = pool.submit(load, 0, 0) if plans else None
+            # Reads run _READ_AHEAD tensors ahead of the merge, each in its own staging slot.
+            pending = collections.deque(pool.submit(load, k, k % _SLOTS)
+                                        for k in range(min(_READ_AHEAD, len(plans))))
             writes = collections.deque()  # (future, output to recycle once written)
             # Where the main thread waits tells which stage bounds the merge (logged at the end).
             waits = {"reads": 0.0, "merge": 0.0, "writes": 0.0}
             clock = time.perf_counter
             for i, plan in enumerate(plans):
                 tick = clock()
-                arrays = pending.result()
+                arrays = pending.popleft().result()
                 waits["reads"] += clock() - tick
                 tick = clock()
-                pending = pool.submit(load, i + 1, (i + 1) % 2) if i + 1 < len(plans) else None
+                ahead = i + _READ_AHEAD
+                if ahead < len(plans):
+                    pending.append(pool.submit(load, ahead, ahead % _SLOTS))
                 out = None
                 if plan.mergeable:
                     handed = [host_buffers.to_jax(a) for a in arrays]  # zero-copy views
@@ -512,8 +519,19 @@ def _stream(merger, plans, hps, sources, base_source, cast, writer, progress) ->
     finally:
         merger.close()
     logging.info("main thread: %.1f s merging, %.1f s waiting for reads, %.1f s for writes; "
-                 "%.2f GB of staging buffers", waits["merge"], waits["reads"], waits["writes"],
-                 staging.nbytes / 1e9)
+                 "%.2f GB of staging buffers; %s", waits["merge"], waits["reads"], waits["writes"],
+                 staging.nbytes / 1e9, _disk_reads())
+
+
+def _disk_reads() -> str:
+    """This process's bytes read from storage so far (not from the page cache), Linux only:
+    long read waits with few disk bytes mean CPU contention, many mean uncached inputs."""
+    try:
+        with open("/proc/self/io") as f:
+            fields = dict(line.split(": ") for line in f.read().splitlines())
+        return f"{int(fields['read_bytes']) / 1e9:.2f} GB read from disk"
+    except (OSError, KeyError, ValueError):
+        return "disk reads unknown"
 
 
 def _expected_calls(plans, hps, sources, readers, cast) -> list:

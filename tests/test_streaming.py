@@ -350,7 +350,7 @@ def test_bfloat16_checkpoints_merge_like_the_in_memory_operator(ckpts, tmp_path)
 
 def test_copied_tensors_do_not_hand_out_a_reused_read_buffer(ckpts, tmp_path, monkeypatch):
     """Tensors that are not merged (integer buffers) are passed through as read, i.e. as views of
-    a staging buffer that the read two tensors later refills; with writes lagging behind the
+    a staging buffer that a read a few tensors later refills; with writes lagging behind the
     reads, a missing copy would write the wrong bytes."""
     import time
 
