@@ -8,10 +8,10 @@ For every tensor name, in the reference checkpoint's storage order: read that te
 model (and the base), merge it with ``cpift_jax.merges.get(operator)`` applied to one-leaf
 pytrees, append the result to the current output shard, drop every reference; the next
 tensor's inputs are read, and the previous result written, in background threads meanwhile.
-Peak memory is about 3 x (number of models + 2) times the largest tensor, plus the operator's
+Peak memory is about 2 x (number of models + 2) times the largest tensor, plus the operator's
 float32 temporaries and up to two written outputs per distinct tensor shape kept for reuse,
-whatever the model size: inputs are ``pread`` (nothing memory-mapped) into three reused sets of
-aligned host buffers (one merged, two read ahead) that XLA reads in place, results are computed into the buffers of earlier,
+whatever the model size: inputs are ``pread`` (nothing memory-mapped) into two reused sets of
+aligned host buffers (one merged, one read ahead) that XLA reads in place, results are computed into the buffers of earlier,
 already written results (``cpift_jax.io.host_buffers``: no page faults after the first tensors),
 and shards are written as their tensors arrive (``cpift_jax.io.safetensors_io``), so not even
 one shard is held.
@@ -72,8 +72,9 @@ EXECUTIONS = ("auto", "jit", "eager")
 # Written outputs queued behind the one being written: the disk rarely waits for the merge, at
 # the cost of holding that many more outputs in memory.
 _WRITES_IN_FLIGHT = 2
-# Tensors read ahead of the one being merged; with the one being merged, that many staging slots.
-_READ_AHEAD = 2
+# Tensors read ahead of the one being merged (plus it: the staging slots). Two ahead measured
+# within the run-to-run noise of bench_merge while holding 50% more staging memory.
+_READ_AHEAD = 1
 _SLOTS = _READ_AHEAD + 1
 DEFAULT_MAX_SHARD_SIZE = "2GB"
 _TRACE_ERRORS = (
