@@ -444,6 +444,7 @@ def _stream(merger, plans, hps, sources, base_source, cast, writer, progress) ->
         if index + 1 < len(plans):  # the kernel reads the tensor after this one meanwhile
             for reader in readers:
                 reader.will_need(plans[index + 1].name)
+
         def read(k):
             buffer = staging.buffer(slot, k) if readers[k].reads_into_buffer else None
             array = readers[k].read(plan.name, buffer)
@@ -459,9 +460,9 @@ def _stream(merger, plans, hps, sources, base_source, cast, writer, progress) ->
         array = box.pop()  # the only reference, dropped on return: the output can be recycled
         writer.write(name, array)
 
-    # The next tensor is read, and the previous one written, while this one merges: reads are
+    # The next tensor is read, and earlier ones written, while this one merges: reads are
     # positional (pread), and file I/O and XLA release the GIL, so disk and compute overlap.
-    # This holds one more set of inputs and up to _WRITES_IN_FLIGHT more outputs in memory.
+    # This holds _READ_AHEAD more sets of inputs and up to _WRITES_IN_FLIGHT outputs in memory.
     try:
         executor = concurrent.futures.ThreadPoolExecutor
         with bar, executor(1, thread_name_prefix="prefetch") as pool, \
@@ -498,8 +499,8 @@ def _stream(merger, plans, hps, sources, base_source, cast, writer, progress) ->
                 if merged.dtype != plan.out.dtype:
                     merged, out = merged.astype(plan.out.dtype), None
                 elif staging.holds(merged):
-                    # An operator that returns an input unchanged returns a staging view, which the
-                    # read after next overwrites.
+                    # An operator that returns an input unchanged (or a copied integer tensor) is a
+                    # staging view, which a later read overwrites while the write may still wait.
                     merged, out = merged.copy(), None
                 waits["merge"] += clock() - tick
                 while len(writes) >= _WRITES_IN_FLIGHT:  # bounded memory; one writer keeps order
