@@ -27,15 +27,15 @@ purpose: every prompt is the *bare* payload (``similarity = 1``), so the same di
 different answer per task and only one weak tag token tells which; the model is small (64 wide,
 2 layers, 87k parameters) and the budget short (160 steps x 32 rows per expert), so the five
 tasks compete for capacity. Measured over seeds 0, 1, 2 (avg. normalised, 1 = experts): full
-multi-task SFT at equal compute 0.59 +- 0.31, below the experts on two of three seeds
-(0.37 / 1.04 / 0.38); at equal steps it collapses to -0.01 (data starvation).
+multi-task SFT at equal compute 0.37 +- 0.09, below the experts on every seed
+(0.31 / 0.50 / 0.31); at equal steps it collapses to 0.02 (data starvation).
 
 Expected result (measured with the current code, deterministic for a given machine and XLA
-build): avg. normalised over seeds 0-2, full multi-task SFT 0.59 +- 0.31 (0.37 / 1.04 / 0.38 per
-seed: below the experts on two of three seeds), CPI-FT 0.38 +- 0.19, multi-stage random 0.25,
-heuristic 0.25, fusion alone about 0. Forgetting (logic -> strings): drop on A -72 (full SFT), -25
-(multi-stage with replay), -41 (CPI-FT); gain on B +1 / +3 / +6 points. These averages move by
-~0.2 with changes that only alter float rounding (an earlier build gave 0.35 and 0.23). Tasks
+build): avg. normalised over seeds 0-2, full multi-task SFT 0.37 +- 0.09, CPI-FT 0.29 +- 0.05
+(lower on every seed: 0.24 / 0.36 / 0.27), multi-stage random 0.22, heuristic 0.15, fusion alone
+about 0. Forgetting (logic -> strings): drop on A -76 (full SFT), -47 (multi-stage with replay),
+-41 (CPI-FT); gain on B +3 / +1 / +9 points. These averages move by ~0.2 with changes that only
+alter float rounding (earlier decoder versions gave multi-task 0.35 / 0.59, CPI-FT 0.23 / 0.38). Tasks
 whose expert stays within 0.05 of chance on a seed are left out of that seed's average (the
 guard in ``cpift_jax.aggregate``).
 """
