@@ -74,12 +74,12 @@ def load_masks(path: str | os.PathLike, like: Pytree) -> Pytree:
     return masks_lib.unpack(packed, like)
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
+def write_json(path: str | os.PathLike, obj: Any, *, sort_keys: bool = True) -> None:
     """Atomic JSON write: a temporary file in the same directory, then a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
     os.replace(tmp, path)
 
 

@@ -62,7 +62,7 @@ from cpift_jax import sharding
 from cpift_jax import tree as tree_lib
 from cpift_jax.merges import slerp as slerp_lib
 
-__all__ = ["fuse", "fuse_leafwise", "OVERLAP_RULES"]
+__all__ = ["fuse", "fuse_leafwise", "check_overlap", "OVERLAP_RULES"]
 
 Pytree = Any
 OVERLAP_RULES = ("max_delta", "mean", "first")
@@ -243,6 +243,11 @@ def _compiled_block_stats(plan: _Plan, rows: int, platform: str):
     return jax.jit(run, compiler_options=_compiler_options(platform))
 
 
+def _platform(x) -> str:
+    """The platform a leaf lives on (host arrays count as CPU)."""
+    return next(iter(x.devices())).platform if isinstance(x, jax.Array) else "cpu"
+
+
 def _with_option_fallback(call):
     """``call()``, retried without the CPU compiler option if this XLA build rejects it."""
     try:
@@ -259,16 +264,16 @@ def _with_option_fallback(call):
 # XLA:CPU runs pass 1's reduction on one thread; leaves of at least this many entries are cut
 # into row blocks whose reductions run in parallel threads (measured 1.6x on two cores).
 _BLOCK_MIN_ENTRIES = 1 << 20
-_STATS_POOL = concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1),
-                                                    thread_name_prefix="fusion-stats")
+_STATS_THREADS = max(1, os.cpu_count() or 1)
+_STATS_POOL = concurrent.futures.ThreadPoolExecutor(_STATS_THREADS, thread_name_prefix="fusion-stats")
 
 
 def _submit_stats(plan, mesh, donate, args) -> list[concurrent.futures.Future]:
     """Pass 1 of one leaf as futures of (gram, counts), one per row block (in row order)."""
     backbone, xs, ms, _ = args
-    platform = next(iter(backbone.devices())).platform if isinstance(backbone, jax.Array) else "cpu"
+    platform = _platform(backbone)
     rows = sharding.row_view(np.shape(backbone), plan.parts)[0]
-    threads = _STATS_POOL._max_workers
+    threads = _STATS_THREADS
     if mesh is not None or platform != "cpu" or threads < 2 or np.size(backbone) < _BLOCK_MIN_ENTRIES \
             or rows < threads:
         stats = _compiled(plan, mesh, donate, platform)[0]
@@ -293,9 +298,14 @@ def _finish_leaf(plan, mesh, donate, args, stats_futures):
     if plan.slerp:
         grams = [g for g, _ in parts]
         gram = jnp.concatenate(grams) if plan.rows else functools.reduce(operator.add, grams)
-    platform = next(iter(backbone.devices())).platform if isinstance(backbone, jax.Array) else "cpu"
-    apply = _compiled(plan, mesh, donate, platform)[1]
+    apply = _compiled(plan, mesh, donate, _platform(backbone))[1]
     return apply(backbone, xs, ms, extra, gram), counts
+
+
+def check_overlap(overlap: str) -> None:
+    """Raises ``ValueError`` listing the rules unless ``overlap`` is one of ``OVERLAP_RULES``."""
+    if overlap not in OVERLAP_RULES:
+        raise ValueError(f"unknown overlap rule {overlap!r}; available: {', '.join(OVERLAP_RULES)}")
 
 
 def _check_inputs(backbone, tuned_models, core_masks, overlap: str) -> int:
@@ -306,8 +316,7 @@ def _check_inputs(backbone, tuned_models, core_masks, overlap: str) -> int:
         raise ValueError("tuned_models is empty: fuse needs at least one task model")
     if len(core_masks) != len(tuned_models):
         raise ValueError(f"got {len(core_masks)} core_masks for {len(tuned_models)} tuned_models")
-    if overlap not in OVERLAP_RULES:
-        raise ValueError(f"unknown overlap rule {overlap!r}; available: {', '.join(OVERLAP_RULES)}")
+    check_overlap(overlap)
     for i, model in enumerate(tuned_models):
         tree_lib.check_same_structure(backbone, model, names=("backbone", f"tuned_models[{i}]"))
     paths, leaves, _ = tree_lib.flatten(backbone)
@@ -356,8 +365,8 @@ def fuse_leafwise(backbone, tuned_models, core_masks, *, merge: str = "slerp",
     precompiled kernels and builds its report in NumPy): the registry operator ``merge`` on the
     non-core entries (``mask=~U`` where it takes one), then the overlap rule on U. No report, no
     mesh; values equal ``fuse``'s to float32 rounding."""
+    n = _check_inputs(backbone, tuned_models, core_masks, overlap)
     merged = _operator_merge(merge, backbone, tuned_models, core_masks, merge_kwargs)
-    n = len(tuned_models)
 
     def leaf(b, m, *rest):
         xs, ms = rest[:n], rest[n:]

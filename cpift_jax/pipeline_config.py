@@ -40,6 +40,8 @@ def _fail(key: str, problem: str):
 def check_config(config) -> None:
     """ValueError naming the first bad config key (see ``configs/toy.py`` for the fields)."""
     suite_lib.check_config(config.suite)
+    if config.model.backend not in ("toy", "smollm2"):
+        _fail("model.backend", f"must be 'toy' or 'smollm2', got {config.model.backend!r}")
     if len(config.seeds) < 1:
         _fail("seeds", "is empty; give at least one seed")
     unknown = sorted(set(config.methods) - set(MAIN_METHODS))

@@ -9,12 +9,12 @@ model (and the base), merge it with ``cpift_jax.merges.get(operator)`` applied t
 pytrees, append the result to the current output shard, drop every reference; the next
 tensor's inputs are read, and the previous result written, in background threads meanwhile.
 Peak memory is about 2 x (number of models + 2) times the largest tensor, plus the operator's
-float32 temporaries and up to two written outputs per distinct tensor shape kept for reuse,
+float32 temporaries and a few written outputs per distinct tensor shape kept for reuse,
 whatever the model size: inputs are ``pread`` (nothing memory-mapped) into two reused sets of
-aligned host buffers (one merged, one read ahead) that XLA reads in place, results are computed into the buffers of earlier,
-already written results (``cpift_jax.io.host_buffers``: no page faults after the first tensors),
-and shards are written as their tensors arrive (``cpift_jax.io.safetensors_io``), so not even
-one shard is held.
+aligned host buffers (one merged, one read ahead) that XLA reads in place, results are computed
+into the buffers of earlier, already written results (``cpift_jax.io.host_buffers``: no page
+faults after the first tensors), and shards are written as their tensors arrive
+(``cpift_jax.io.safetensors_io``), so not even one shard is held.
 
 Inputs: Hugging Face directories or Orbax parameter checkpoints (``cpift_jax.io.checkpoints``).
 Output: a Hugging Face directory with ``config.json`` (from the base, else the first model that
@@ -112,6 +112,21 @@ def _operator_call(merge_fn, hp: Mapping[str, Any], cast, stored, inputs, base, 
     return out["w"]
 
 
+def _true_dtypes(stored) -> tuple:
+    """``stored`` as a hashable tuple of numpy dtypes or None (part of a program's cache key)."""
+    return tuple(None if d is None else np.dtype(d) for d in stored)
+
+
+def _traced_floats(hp: Mapping[str, Any]) -> dict:
+    """The float hyperparameters, passed to a program as traced scalars."""
+    return {k: v for k, v in hp.items() if isinstance(v, float)}
+
+
+def _signature(key: tuple, inputs) -> tuple:
+    """One compiled program: its cache key plus the input shapes and dtypes."""
+    return key + tuple((x.shape, str(x.dtype)) for x in inputs)
+
+
 def _operator_call_into(merge_fn, hp, cast, stored, spare, inputs, base, traced_hp):
     """``_operator_call`` with a donated, unused ``spare`` output-sized array: XLA writes the
     result into its buffer (memory already paged in) instead of a fresh allocation."""
@@ -162,8 +177,7 @@ class TensorMerger:
               stored: Sequence | None = None) -> jax.Array:
         """Merged tensor; ``inputs``/``base`` are jax arrays, ``stored`` their true dtypes when
         they hold raw bits (``host_buffers.to_jax``), one per input then the base."""
-        stored = tuple(stored) if stored is not None else (None,) * (len(inputs) + 1)
-        stored = tuple(None if d is None else np.dtype(d) for d in stored)
+        stored = _true_dtypes(stored if stored is not None else (None,) * (len(inputs) + 1))
         if self.execution == "jit":
             try:
                 return self._jit_call(inputs, base, hp, cast, stored)
@@ -180,7 +194,7 @@ class TensorMerger:
 
     def _jit_call(self, inputs, base, hp, cast, stored):
         if self._trace_floats:
-            traced = {k: v for k, v in hp.items() if isinstance(v, float)}
+            traced = _traced_floats(hp)
             try:
                 return self._jit_call_split(inputs, base, hp, traced, cast, stored)
             except (TypeError, ValueError, *_TRACE_ERRORS):
@@ -217,13 +231,11 @@ class TensorMerger:
         being compiled ahead rather than compiling it twice. Failures are left to ``merge``."""
         if self.execution != "jit" or not self._trace_floats:
             return
-        calls = [(i, b, hp, c, tuple(None if d is None else np.dtype(d) for d in stored))
-                 for i, b, hp, c, stored in calls]
         self._ahead_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
         for inputs, base, hp, cast, stored in calls:
-            traced = {k: v for k, v in hp.items() if isinstance(v, float)}
+            stored, traced = _true_dtypes(stored), _traced_floats(hp)
             fn, key = self._program(hp, traced, cast, stored)
-            signature = key + tuple((x.shape, str(x.dtype)) for x in inputs)
+            signature = _signature(key, inputs)
             if signature not in self._ahead:
                 spare = jax.ShapeDtypeStruct(inputs[0].shape, self._out_dtype(inputs, cast, stored),
                                              sharding=inputs[0].sharding)
@@ -239,7 +251,7 @@ class TensorMerger:
 
     def _jit_call_split(self, inputs, base, hp, traced, cast, stored):
         fn, key = self._program(hp, traced, cast, stored)
-        signature = key + tuple((x.shape, str(x.dtype)) for x in inputs)
+        signature = _signature(key, inputs)
         ahead = self._ahead.pop(signature, None)
         if ahead is not None:
             concurrent.futures.wait([ahead])  # its errors resurface in the call below
@@ -483,25 +495,9 @@ def _stream(merger, plans, hps, sources, base_source, cast, writer, progress) ->
                 ahead = i + _READ_AHEAD
                 if ahead < len(plans):
                     pending.append(pool.submit(load, ahead, ahead % _SLOTS))
-                out = None
-                if plan.mergeable:
-                    handed = [host_buffers.to_jax(a) for a in arrays]  # zero-copy views
-                    del arrays
-                    xs, stored = [x for x, _ in handed], [d for _, d in handed]
-                    has_base = base_source is not None
-                    out = merger.merge(xs[: len(sources)], xs[-1] if has_base else None,
-                                       hps[plan.name], cast, stored)
-                    del handed, xs
-                    merged = np.asarray(out)  # waits for the result
-                else:
-                    merged = _copy_if_equal(plan.name, arrays, sources, base_source)
-                    del arrays
-                if merged.dtype != plan.out.dtype:
-                    merged, out = merged.astype(plan.out.dtype), None
-                elif staging.holds(merged):
-                    # An operator that returns an input unchanged (or a copied integer tensor) is a
-                    # staging view, which a later read overwrites while the write may still wait.
-                    merged, out = merged.copy(), None
+                merged, out = _merge_tensor(merger, plan, arrays, hps[plan.name], cast, sources,
+                                            base_source, staging)
+                del arrays
                 waits["merge"] += clock() - tick
                 while len(writes) >= _WRITES_IN_FLIGHT:  # bounded memory; one writer keeps order
                     tick = clock()
@@ -523,6 +519,27 @@ def _stream(merger, plans, hps, sources, base_source, cast, writer, progress) ->
     logging.info("main thread: %.1f s merging, %.1f s waiting for reads, %.1f s for writes; "
                  "%.2f GB of staging buffers; %s", waits["merge"], waits["reads"], waits["writes"],
                  staging.nbytes / 1e9, _disk_reads())
+
+
+def _merge_tensor(merger, plan, arrays, hp, cast, sources, base_source, staging):
+    """``(merged numpy array, jax output to recycle once written or None)`` of one tensor from
+    its inputs as read (the models', then the base's)."""
+    out = None
+    if plan.mergeable:
+        handed = [host_buffers.to_jax(a) for a in arrays]  # zero-copy views
+        xs, stored = [x for x, _ in handed], [d for _, d in handed]
+        base = xs[-1] if base_source is not None else None
+        out = merger.merge(xs[: len(sources)], base, hp, cast, stored)
+        merged = np.asarray(out)  # waits for the result
+    else:
+        merged = _copy_if_equal(plan.name, arrays, sources, base_source)
+    if merged.dtype != plan.out.dtype:
+        return merged.astype(plan.out.dtype), None
+    if staging.holds(merged):
+        # An operator that returns an input unchanged (or a copied integer tensor) is a staging
+        # view, which a later read overwrites while the write may still wait.
+        return merged.copy(), None
+    return merged, out
 
 
 def _disk_reads() -> str:

@@ -45,10 +45,7 @@ def with_knob(config, knob: str, value):
         node = node[part]
     if leaf not in node:
         raise ValueError(f"unknown knob {knob!r}: no field {knob!r} in the config")
-    current = node[leaf]
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    node[leaf] = value
+    node[leaf] = value  # ConfigDict casts an int to a float field's type itself
     return config
 
 

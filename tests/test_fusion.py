@@ -260,6 +260,7 @@ def test_pass_one_in_parallel_row_blocks_equals_one_block(monkeypatch, granulari
     backbone, tuned, cores = random_case(11, [(rows, 8), (40,), (3, 2, 4)], n=3)
     whole, whole_report = fusion.fuse(backbone, tuned, cores, granularity=granularity)
     monkeypatch.setattr(fusion, "_BLOCK_MIN_ENTRIES", 1)
+    monkeypatch.setattr(fusion, "_STATS_THREADS", 3)
     monkeypatch.setattr(fusion, "_STATS_POOL", fusion.concurrent.futures.ThreadPoolExecutor(3))
     blocks, blocks_report = fusion.fuse(backbone, tuned, cores, granularity=granularity)
     assert blocks_report == whole_report
@@ -335,3 +336,13 @@ def test_mask_entries_decide_core_or_merge(mask):
     np.testing.assert_array_equal(fused["w"], task["w"])
     assert report["core_union"] == int(mask.sum()) and report["transplanted"] == [int(mask.sum())]
 
+
+
+def test_cpi_operator_under_jit_with_only_the_models_traced():
+    """A base closed over as a constant while the models are traced must take the jittable
+    path (fuse's report needs concrete counts)."""
+    backbone, tuned, _ = random_case(3, [(6, 5), (4,)], n=2)
+    cpi = merges.get("cpi")
+    eager = cpi(tuned, base=backbone, fraction=0.2)
+    jitted = jax.jit(lambda models: cpi(models, base=backbone, fraction=0.2))(tuned)
+    assert_tree_close(jitted, eager, rtol=1e-5, atol=1e-6)

@@ -42,7 +42,7 @@ class SequentialWriter:
                     raise
                 self.direct = False
         if not self.direct:
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fd = self._open_buffered()
         self._bounce = aligned_empty(_BOUNCE, BLOCK) if self.direct else None
         self._filled = 0  # bytes waiting in the bounce buffer
         self._offset = 0  # bytes already in the file
@@ -76,7 +76,7 @@ class SequentialWriter:
                 raise
             # Accepted at open, refused at write: reopen buffered and carry on.
             os.close(self._fd)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fd = self._open_buffered()
             self.direct = False
             pending = bytes(self._bounce[: self._filled])
             self._bounce, self._filled = None, 0
@@ -84,6 +84,9 @@ class SequentialWriter:
             return
         self._offset += length
         self._filled -= length
+
+    def _open_buffered(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 
     def _write_all(self, view: memoryview) -> None:
         while len(view):

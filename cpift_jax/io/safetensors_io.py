@@ -46,7 +46,7 @@ __all__ = [
 
 INDEX_FILE = "model.safetensors.index.json"
 _MAX_HEADER = 100 * 2**20  # the reference reader's limit too
-_MAX_IO = 1 << 30  # bytes per pread/write call (Linux caps one call near 2 GiB)
+_MAX_IO = 1 << 30  # bytes per pread call (Linux caps one call near 2 GiB)
 
 _CODES = {
     "F64": np.dtype(np.float64),
@@ -302,9 +302,7 @@ class ShardedWriter:
         if self._file is None:
             self._file = SequentialWriter(os.path.join(self._dir, file_name), self._direct)
             self._file.write(_header_bytes(self._shards[shard_index], self._metadata))
-        data = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-        for start in range(0, len(data), _MAX_IO):
-            self._file.write(data[start : start + _MAX_IO])
+        self._file.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
         self.weight_map[name] = file_name
         self._next += 1
         shard_done = self._next == len(self._order) or self._order[self._next][0] != shard_index

@@ -68,15 +68,12 @@ def merge(
             "usually the pre-trained checkpoint the models were fine-tuned from)"
         )
     check_models(models, base)
-    if weights is not None:
-        inner_kw["weights"] = weights
-    if overlap not in fusion.OVERLAP_RULES:
-        raise ValueError(f"overlap must be one of {fusion.OVERLAP_RULES}, got {overlap!r}")
+    fusion.check_overlap(overlap)  # before the (costly) core masks
+    models = list(models)
     core_masks = [masks_lib.core_mask(base, m, fraction, scope) for m in models]
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(base)):
-        return fusion.fuse_leafwise(base, list(models), core_masks, merge=inner, overlap=overlap,
-                                    **inner_kw)
-    fused, _report = fusion.fuse(
-        base, list(models), core_masks, merge=inner, overlap=overlap, **inner_kw
-    )
-    return fused
+    kwargs = dict(merge=inner, overlap=overlap, weights=weights, **inner_kw)
+    # fuse builds its report in NumPy, so any traced input (base or a model) takes the
+    # whole-leaf jittable path.
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((base, models))):
+        return fusion.fuse_leafwise(base, models, core_masks, **kwargs)
+    return fusion.fuse(base, models, core_masks, **kwargs)[0]
