@@ -61,6 +61,7 @@ from cpift_jax import merges
 from cpift_jax import sharding
 from cpift_jax import tree as tree_lib
 from cpift_jax.merges import slerp as slerp_lib
+from cpift_jax.merges._common import row_sums
 
 __all__ = ["fuse", "fuse_leafwise", "check_overlap", "OVERLAP_RULES"]
 
@@ -111,13 +112,6 @@ def _core_choice(bf, xf, ms, rule: str):
     return value, winner
 
 
-def _row_sums(terms: list[jax.Array]) -> tuple[jax.Array, ...]:
-    """Sums over the last axis of every term in ONE variadic reduction (one read of the inputs;
-    separate jnp.sum calls would each re-read them or materialise the masked products)."""
-    inits = tuple(jnp.zeros((), t.dtype) for t in terms)
-    return jax.lax.reduce(tuple(terms), inits, lambda a, b: tuple(x + y for x, y in zip(a, b)), (1,))
-
-
 def _stats(b2, xs2, ms2, *, plan: _Plan):
     """Pass 1 over one leaf's (rows, cols) view: (Gram matrix of the task models over the
     non-core entries, or None; int32 counts [pairs i<=j, union, >=2 cores, winners])."""
@@ -141,7 +135,8 @@ def _stats(b2, xs2, ms2, *, plan: _Plan):
         _, winner = _core_choice(bf, xf, ms2, plan.rule)
         ints += [as_int(winner == i) for i in range(1, n)]
 
-    sums = _row_sums(floats + ints)
+    # One read of the inputs for every product and count (see _common.row_sums).
+    sums = row_sums(floats + ints)
     totals = [jnp.sum(s) for s in sums[len(floats):]]
     p, rest = totals[: len(pairs)], totals[len(pairs):]
     if n == 1:

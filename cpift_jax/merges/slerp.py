@@ -49,7 +49,7 @@ import jax.numpy as jnp
 
 from cpift_jax import hparams
 from cpift_jax import tree as tree_lib
-from cpift_jax.merges._common import check_models, f32
+from cpift_jax.merges._common import check_models, f32, row_sums
 
 __all__ = ["slerp", "slerp_coefficients", "fold_ts", "fold_schedule", "fold_coefficients", "merge"]
 
@@ -91,13 +91,13 @@ def _uses_rows(x: jax.Array, granularity: str) -> bool:
     return granularity == "row" and x.ndim >= 2
 
 
-def _inner(x: jax.Array, y: jax.Array, rows: bool) -> jax.Array:
-    """<x, y> per row (keepdims, for broadcasting) or over the whole leaf (row sums first:
-    shorter float32 accumulations than one flat sum)."""
+def _inner_products(x: jax.Array, y: jax.Array, rows: bool) -> tuple[jax.Array, ...]:
+    """(<x, x>, <y, y>, <x, y>) per row (keepdims, for broadcasting) or over the whole leaf
+    (row sums first: shorter float32 accumulations than one flat sum), from one read of x, y."""
     if x.ndim == 0:
-        return x * y
-    per_row = jnp.sum(x * y, axis=-1, keepdims=True)
-    return per_row if rows else jnp.sum(per_row)
+        return x * x, y * y, x * y
+    per_row = row_sums([x * x, y * y, x * y])
+    return tuple(s[..., None] if rows else jnp.sum(s) for s in per_row)
 
 
 def _check_t_value(t, where: str) -> None:
@@ -126,7 +126,7 @@ def slerp(a, b, t, mask=None, *, eps=EPS, dot_threshold=DOT_THRESHOLD, granulari
     am, bm = (a32, b32) if mask is None else (jnp.where(mask, a32, 0.0), jnp.where(mask, b32, 0.0))
     rows = _uses_rows(a32, granularity)
     c_a, c_b = slerp_coefficients(
-        _inner(am, am, rows), _inner(bm, bm, rows), _inner(am, bm, rows), t,
+        *_inner_products(am, bm, rows), t,
         eps=eps, dot_threshold=dot_threshold,
     )
     out = c_a * a32 + c_b * b32
