@@ -28,7 +28,9 @@ path; on the xla path they make the result NaN (no exception can be raised under
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
+import os
 from typing import Any
 
 import jax
@@ -53,6 +55,10 @@ _SAMPLE = 1 << 17  # target size of the strided sample
 _Z = 4.0  # bracket half-width in standard deviations of the sample rank
 _WAYS = 16  # fallback bisection: cuts per pass + 1
 _EXTRACT_MAX = 1 << 22  # entries a bracket may hold to be copied out (16 MiB)
+# Counting passes run in this many threads, each over at least _THREAD_MIN_ENTRIES entries.
+_PASS_THREADS = max(1, os.cpu_count() or 1)
+_THREAD_MIN_ENTRIES = 1 << 22
+_PASS_POOL = concurrent.futures.ThreadPoolExecutor(_PASS_THREADS, thread_name_prefix="select")
 
 
 # ----------------------------------------------------------------------------------- host path
@@ -92,14 +98,8 @@ def _sample(flats: list[np.ndarray], total: int) -> tuple[np.ndarray, int]:
     return sample, stride
 
 
-def _count_pass(flats, cuts, extract, cap):
-    """One streaming pass over all entries, chunk by chunk.
-
-    Returns ``(counts, values, ok)``: ``counts[i] = #(bits >= cuts[i])``; ``values`` the
-    patterns in ``[cuts[a], cuts[b])`` for ``extract = (a, b)`` (``b`` None: no upper end), or
-    None when more than ``cap`` of them turned up; ``ok`` False when some pattern lies above
-    +inf (NaN, negative, -0.0), in which case the counts are meaningless.
-    """
+def _count_chunks(chunks, cuts, extract, cap):
+    """``_count_pass`` over ``chunks`` (1-D arrays): ``(counts, pieces or None, ok)``."""
     a, b = extract if extract is not None else (None, None)
     # A top-open copy holds every pattern above +inf, so checking the copy replaces a per-chunk
     # max, and its length replaces a count: one compare and one compress per entry.
@@ -107,33 +107,58 @@ def _count_pass(flats, cuts, extract, cap):
     counts = [0] * len(cuts)
     buffers = [np.empty(_HOST_CHUNK, bool) for _ in cuts]
     pieces, n_values = [], 0
-    for flat in flats:
-        for start in range(0, flat.size, _HOST_CHUNK):
-            bits = _np_bits(flat[start : start + _HOST_CHUNK])
-            if not top_open and bits.max() > INF_BITS:
+    for chunk in chunks:
+        bits = _np_bits(chunk)
+        if not top_open and bits.max() > INF_BITS:
+            return counts, None, False
+        masks = [buf[: bits.size] for buf in buffers]
+        for i, (cut, mask) in enumerate(zip(cuts, masks)):
+            np.greater_equal(bits, cut, out=mask)
+            if i != a or not top_open:
+                counts[i] += np.count_nonzero(mask)
+        if extract is None:
+            continue
+        inside = masks[a]
+        if b is not None:
+            np.not_equal(inside, masks[b], out=inside)  # >= lo and not >= hi
+        values = np.compress(inside, bits)
+        if top_open:
+            counts[a] += values.size
+            if values.size and values.max() > INF_BITS:
                 return counts, None, False
-            masks = [buf[: bits.size] for buf in buffers]
-            for i, (cut, mask) in enumerate(zip(cuts, masks)):
-                np.greater_equal(bits, cut, out=mask)
-                if i != a or not top_open:
-                    counts[i] += np.count_nonzero(mask)
-            if extract is None:
-                continue
-            inside = masks[a]
-            if b is not None:
-                np.not_equal(inside, masks[b], out=inside)  # >= lo and not >= hi
-            values = np.compress(inside, bits)
-            if top_open:
-                counts[a] += values.size
-                if values.size and values.max() > INF_BITS:
-                    return counts, None, False
-            n_values += values.size
-            pieces.append(values)
-            if n_values > cap:  # the sample misled: keep counting, stop copying
-                extract, top_open, pieces = None, False, []
+        n_values += values.size
+        pieces.append(values)
+        if n_values > cap:  # the sample misled: keep counting, stop copying
+            extract, top_open, pieces = None, False, None
+    return counts, pieces, True
+
+
+def _count_pass(flats, cuts, extract, cap):
+    """One streaming pass over all entries, chunk by chunk, in ``_PASS_THREADS`` threads
+    (NumPy's compares and compresses release the GIL) over contiguous runs of chunks.
+
+    Returns ``(counts, values, ok)``: ``counts[i] = #(bits >= cuts[i])``; ``values`` the
+    patterns in ``[cuts[a], cuts[b])`` for ``extract = (a, b)`` (``b`` None: no upper end), or
+    None when more than ``cap`` of them turned up; ``ok`` False when some pattern lies above
+    +inf (NaN, negative, -0.0), in which case the counts are meaningless.
+    """
+    chunks = [flat[start : start + _HOST_CHUNK] for flat in flats
+              for start in range(0, flat.size, _HOST_CHUNK)]
+    threads = max(1, min(_PASS_THREADS, sum(c.size for c in chunks) // _THREAD_MIN_ENTRIES))
+    runs = [chunks[i * len(chunks) // threads : (i + 1) * len(chunks) // threads] for i in range(threads)]
+    if threads == 1:
+        results = [_count_chunks(runs[0], cuts, extract, cap)]
+    else:
+        results = list(_PASS_POOL.map(lambda run: _count_chunks(run, cuts, extract, cap), runs))
+    counts = [sum(r[0][i] for r in results) for i in range(len(cuts))]
+    if not all(ok for _, _, ok in results):
+        return counts, None, False
     values = None
-    if extract is not None:
+    if extract is not None and all(pieces is not None for _, pieces, _ in results):
+        pieces = [p for _, run_pieces, _ in results for p in run_pieces]
         values = np.concatenate(pieces) if pieces else np.empty(0, np.uint32)
+        if values.size > cap:
+            values = None
     return counts, values, True
 
 

@@ -1,5 +1,6 @@
 """Tests for cpift_jax.masks and cpift_jax.select: thresholds, core masks, overlap, storage."""
 
+import concurrent.futures
 import functools
 import math
 
@@ -29,10 +30,14 @@ def _ref_threshold(leaves, k):
 
 @pytest.fixture
 def tiny_host_constants(monkeypatch):
-    """Shrinks the host path's sizes so small inputs go through sample + chunked passes."""
+    """Shrinks the host path's sizes so small inputs go through sample + chunked passes, split
+    over three threads (uneven runs of chunks; some runs empty for the smallest inputs)."""
     monkeypatch.setattr(select, "_SMALL", 16)
     monkeypatch.setattr(select, "_SAMPLE", 8)
     monkeypatch.setattr(select, "_HOST_CHUNK", 24)
+    monkeypatch.setattr(select, "_THREAD_MIN_ENTRIES", 20)
+    monkeypatch.setattr(select, "_PASS_THREADS", 3)
+    monkeypatch.setattr(select, "_PASS_POOL", concurrent.futures.ThreadPoolExecutor(3))
 
 
 # Values with many duplicates, zeros, -0.0, subnormals and very large entries.
