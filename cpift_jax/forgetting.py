@@ -19,7 +19,7 @@ Reported per method: ``drop_a = acc_A(theta_AB) - acc_A(theta_A)`` (negative = f
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cpift_jax import methods
@@ -31,30 +31,32 @@ LABELS = {"full_sft": "Full SFT (A -> B)", "multistage": "Multi-stage SFT (A -> 
 
 
 def run_seed(ctx: methods.Context, experts: Mapping[str, Any], pair: tuple[str, str],
-             cpift_cfg, replay: float, steps: int) -> dict:
-    """``{method: {"drop_a", "gain_b", "acc": {...}}}`` for one seed (module docstring)."""
+             cpift_cfg, replay: float, steps: int, cores: Sequence[Any] | None = None) -> dict:
+    """``{method: {"drop_a", "gain_b", "acc": {...}}}`` for one seed (module docstring).
+    ``cores``: ``[C_A, C_B]`` if already computed with ``cpift_cfg`` (else computed here)."""
     a, b = pair
     base_b = methods.evaluate(ctx, ctx.base, [b])[b]
     out = {}
 
-    def record(key, theta_a, theta_ab):
-        acc_a = methods.evaluate(ctx, theta_a, [a, b])
+    def record(key, acc_a, theta_ab):
         acc_ab = methods.evaluate(ctx, theta_ab, [a, b])
         out[key] = {"drop_a": acc_ab[a] - acc_a[a], "gain_b": acc_ab[b] - base_b,
                     "acc": {"after_a": acc_a, "after_ab": acc_ab, "base_b": base_b}}
 
     theta_a = experts[a]
+    acc_expert_a = methods.evaluate(ctx, theta_a, [a, b])  # full and multi-stage start here
     full = methods.train_on(ctx, theta_a, {b: 1.0}, steps, stream=500, name="forget_full")
-    record("full_sft", theta_a, full)
+    record("full_sft", acc_expert_a, full)
     weights = methods.stage_weights(ctx, [b], [a], replay)
     staged = methods.train_on(ctx, theta_a, weights, steps, stream=501, name="forget_multistage")
-    record("multistage", theta_a, staged)
+    record("multistage", acc_expert_a, staged)
 
-    cores = methods.core_masks(ctx.base, [experts[a], experts[b]], cpift_cfg)
-    fused, _ = methods.fuse(ctx.base, [experts[a], experts[b]], cores, cpift_cfg)
+    if cores is None:
+        cores = methods.core_masks(ctx.base, [experts[a], experts[b]], cpift_cfg)
+    fused, _ = methods.fuse(ctx.base, [experts[a], experts[b]], list(cores), cpift_cfg)
     stage1 = methods.train_on(ctx, fused, {a: 1.0}, steps, stream=502, name="forget_cpift0")
     frozen = cores[0] if cpift_cfg.freeze else None
     stage2 = methods.train_on(ctx, stage1, weights, steps, frozen=frozen, stream=503,
                               name="forget_cpift1")
-    record("cpift", stage1, stage2)
+    record("cpift", methods.evaluate(ctx, stage1, [a, b]), stage2)
     return out

@@ -140,8 +140,19 @@ def heuristic_groups(tasks: Sequence[str], expert_scores: Mapping[str, float],
 # ------------------------------------------------------------------------------- CPI-FT steps
 
 
+# The settings of config.cpift that ``core_masks`` reads: a variant overriding none of them has
+# the same cores as the main run and can reuse them.
+CORE_KEYS = ("p", "scope", "core_exclude")
+
+
+def keeps_cores(overrides: Mapping[str, Any]) -> bool:
+    """Whether config.cpift ``overrides`` leave every task's core mask unchanged."""
+    return not set(overrides) & set(CORE_KEYS)
+
+
 def core_masks(base: Pytree, experts: Sequence[Pytree], cfg) -> list[Pytree]:
-    """Step 2: each task's top-``p`` entries by ``|expert - base|`` (``masks.core_mask``)."""
+    """Step 2: each task's top-``p`` entries by ``|expert - base|`` (``masks.core_mask``), each
+    from its own expert alone."""
     exclude = list(cfg.core_exclude) or None
     return [jax.tree.map(np.asarray, masks.core_mask(base, e, cfg.p, cfg.scope, exclude=exclude))
             for e in experts]
@@ -193,10 +204,11 @@ def pipeline_sft(ctx: Context, fused: Pytree, stages: Sequence[Sequence[str]],
 
 
 def cpift_chain(ctx: Context, experts: Sequence[Pytree], cfg, *, backbone: Pytree | None = None,
-                name: str = "cpift") -> dict:
-    """Steps 2-5 in memory for one CPI-FT variant (ablations); returns scores and bookkeeping."""
+                cores: Sequence[Pytree] | None = None, name: str = "cpift") -> dict:
+    """Steps 2-5 in memory for one CPI-FT variant (ablations); returns scores and bookkeeping.
+    ``cores``: the experts' core masks if already known for ``cfg`` (else computed here)."""
     backbone = ctx.base if backbone is None else backbone
-    cores = core_masks(ctx.base, experts, cfg)
+    cores = core_masks(ctx.base, experts, cfg) if cores is None else list(cores)
     overlap, stages = cluster(ctx.tasks, cores, cfg, ctx.seed)
     fused, report = fuse(backbone, experts, cores, cfg)
     by_task = dict(zip(ctx.tasks, cores))

@@ -140,7 +140,11 @@ class _Run:
     def _model_and_tokenizer(self):
         if self.config.model.backend == "toy":
             return _toy_model(self.config)
-        return _build_base(self.config)[:2]
+        from cpift_jax.data.tokenizer import HFTokenizer
+        from cpift_jax.models import smollm2  # the other backend check_config allows
+
+        model_config, hf_tok = smollm2.load_config_and_tokenizer()
+        return model_config, HFTokenizer(hf_tok)
 
     def ctx(self, seed: int, stage_dir: Path | None = None) -> methods.Context:
         if seed not in self._ctx:
@@ -232,16 +236,19 @@ class _Run:
         if c.forgetting.enabled:
             def forget(d):
                 ctx = self.ctx(seed, d)
+                pair = tuple(c.forgetting.pair)
                 experts = dict(zip(self.tasks, self.experts(seed)))
-                return forgetting_lib.run_seed(ctx, experts, tuple(c.forgetting.pair), c.cpift,
-                                               c.multistage.replay, c.forgetting.steps)
+                cores = dict(zip(self.tasks, self.cores(seed)))  # the cores stage's masks
+                return forgetting_lib.run_seed(ctx, experts, pair, c.cpift, c.multistage.replay,
+                                               c.forgetting.steps, cores=[cores[t] for t in pair])
             wd.run(p + "forgetting", forget)
         for key, (_, overrides) in ablation_variants(c).items():
             def ablation(d, overrides=overrides, key=key):
                 ctx = self.ctx(seed, d)
                 cfg = c.cpift.copy_and_resolve_references()
                 cfg.update(overrides)
-                return methods.cpift_chain(ctx, self.experts(seed), cfg,
+                cores = self.cores(seed) if methods.keeps_cores(overrides) else None
+                return methods.cpift_chain(ctx, self.experts(seed), cfg, cores=cores,
                                            backbone=self.backbone(seed), name=key)
             wd.run(p + key, ablation)
         if c.merge_only.enabled:

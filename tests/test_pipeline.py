@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import toy
-from cpift_jax import aggregate, methods, pipeline
+from cpift_jax import aggregate, methods, pipeline, pipeline_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,6 +153,26 @@ def test_stage_weights_replay_and_heuristic_groups():
     groups = methods.heuristic_groups(["a", "b", "c", "d", "e"],
                                       {"a": 0.1, "b": 0.9, "c": 0.5, "d": 0.9, "e": 0.3}, 3)
     assert groups == [["b"], ["d", "c"], ["e", "a"]]
+
+
+def test_core_keys_are_every_setting_that_core_masks_reads():
+    cfg, read = _smoke().cpift, set()
+
+    class Recording:
+        def __getattr__(self, name):
+            read.add(name)
+            return getattr(cfg, name)
+
+    base = {"w": np.zeros((4, 4), np.float32)}
+    methods.core_masks(base, [{"w": np.arange(16, dtype=np.float32).reshape(4, 4)}], Recording())
+    assert read == set(methods.CORE_KEYS)
+
+
+def test_only_variants_that_keep_the_core_settings_reuse_the_stored_cores():
+    variants = pipeline_config.ablation_variants(toy.get_config("ablations"))
+    reused = {key for key, (_, overrides) in variants.items() if methods.keeps_cores(overrides)}
+    assert reused == {"ablation_tau0", "ablation_linear", "ablation_no_freeze", "ablation_no_replay"}
+    assert {"ablation_no_embed_head", "ablation_p0.5", "ablation_p5"} <= set(variants)
 
 
 # ----------------------------------------------------------------------------- normalisation
