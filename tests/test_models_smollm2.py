@@ -20,8 +20,9 @@ def test_cache_dir_follows_env_and_missing_cache_names_the_fetch_command(tmp_pat
     monkeypatch.setenv("CPIFT_CACHE", str(tmp_path))
     assert smollm2.cache_dir() == str(tmp_path / "smollm2")
     assert not smollm2.is_available()
-    with pytest.raises(FileNotFoundError, match="python -m cpift_jax.models.smollm2 --fetch"):
-        smollm2.load()
+    for load in (smollm2.load, smollm2.load_config_and_tokenizer):
+        with pytest.raises(FileNotFoundError, match="python -m cpift_jax.models.smollm2 --fetch"):
+            load()
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,13 @@ def test_smollm2_config_and_parameter_count(smol):
         (9, 3, 49152)
     assert config.tie_word_embeddings and "lm_head" not in params
     assert 134e6 < sum(x.size for x in jax.tree.leaves(params)) < 136e6
+
+
+def test_config_and_tokenizer_without_the_weights_equal_load(smol):
+    config, tokenizer = smollm2.load_config_and_tokenizer()
+    assert config == smol[0]
+    text = "The capital of France is Paris."
+    assert tokenizer(text)["input_ids"] == smol[2](text)["input_ids"]
 
 
 def test_tokenizer_round_trip_and_special_tokens(smol):

@@ -99,19 +99,39 @@ def fetch(cache: str | None = None) -> str:
     return hf_dir(cache)
 
 
+def _available_dir(cache: str | None) -> str:
+    path = hf_dir(cache)
+    if not is_available(cache):
+        raise FileNotFoundError(f"SmolLM2 is not in {path!r}; run `{FETCH_COMMAND}` first "
+                                "(set CPIFT_CACHE to choose the cache root)")
+    return path
+
+
 def load(cache: str | None = None, *, param_dtype: str = "float32"):
     """-> ``(ModelConfig, params, tokenizer)`` from the converted cache directory."""
     import transformers
 
     from cpift_jax.models import hf
 
-    path = hf_dir(cache)
-    if not is_available(cache):
-        raise FileNotFoundError(f"SmolLM2 is not in {path!r}; run `{FETCH_COMMAND}` first "
-                                "(set CPIFT_CACHE to choose the cache root)")
+    path = _available_dir(cache)
     config, params = hf.load(path, param_dtype=param_dtype)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     return config, params, tokenizer
+
+
+def load_config_and_tokenizer(cache: str | None = None, *, param_dtype: str = "float32"):
+    """-> ``(ModelConfig, tokenizer)`` as ``load`` gives them, without reading the weights (for
+    runs whose parameters come from elsewhere, e.g. a resumed pipeline's workdir)."""
+    import json
+
+    import transformers
+
+    from cpift_jax.models.config import ModelConfig
+
+    path = _available_dir(cache)
+    with open(os.path.join(path, "config.json")) as f:
+        config = ModelConfig.from_hf(json.load(f), param_dtype=param_dtype)
+    return config, transformers.AutoTokenizer.from_pretrained(path)
 
 
 def complete(prompt: str, max_new_tokens: int = 20, cache: str | None = None, *,
