@@ -11,9 +11,10 @@ return the same bits; neither sorts, partitions or top-k's the whole input.
   The counts verify the bracket, so a misleading sample costs speed, never exactness: further
   passes narrow ``[lo, hi)`` with 16-way bisection until it is small enough to copy out.
   For ``k <= D/64`` the bracket is one-sided (``[lo, inf)``): one compare and one compress
-  per entry.
-  Measured on the 2-core dev CPU: about 2-3x faster than ``np.partition`` (see
-  ``experiments/bench_threshold_dev.py``); XLA's CPU back end has no cheap stream compaction,
+  per entry. Each pass runs in one thread per core over contiguous runs of chunks (NumPy
+  releases the GIL), from 4M entries up.
+  Measured on the 2-core dev CPU: about 3x faster than ``np.partition`` on 100M scores (see
+  ``experiments/bench_fusion.py``); XLA's CPU back end has no cheap stream compaction,
   which is why this path is NumPy.
 * ``xla`` (under ``jit``, inside ``shard_map``, on accelerators): radix select on two 16-bit
   digits. Pass 1 histograms the high 16 bits, pass 2 the low 16 bits of the entries whose high
