@@ -15,24 +15,7 @@ import pytest
 
 from cpift_jax import merges
 from cpift_jax.merges import _task_vectors, dare
-from merge_trees import f32, tree
-
-RTOL = 1e-5
-
-
-def setup(n=3):
-    base = tree(0)
-    models = [jax.tree.map(lambda b, u: b + u, base, tree(10 + i, 0.1)) for i in range(n)]
-    return models, base
-
-
-def as64(t):
-    return [np.asarray(x, np.float64) for x in jax.tree.leaves(t)]
-
-
-def check(out, expected_leaves, rtol=RTOL, atol=1e-6):
-    for got, want in zip(jax.tree.leaves(out), expected_leaves):
-        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=rtol, atol=atol)
+from merge_trees import as64, check, f32, fine_tunes
 
 
 # ---------------------------------------------------------------- numpy references
@@ -177,7 +160,7 @@ def test_sphere_means_written_out():
 
 
 def test_task_arithmetic_matches_reference_with_per_leaf_scale():
-    models, base = setup()
+    models, base = fine_tunes()
     scale = {"a": 0.3, "b": [1.0], "c": -0.5}
     out = merges.get("task_arithmetic")(models, base=base, weights=[1.0, 2.0, -1.0], scale=scale)
     b, deltas = task_deltas(models, base)
@@ -188,7 +171,7 @@ def test_task_arithmetic_matches_reference_with_per_leaf_scale():
 @pytest.mark.parametrize("scope", ["leaf", "global"])
 @pytest.mark.parametrize("sign_method", ["sum", "count"])
 def test_ties_matches_reference(scope, sign_method):
-    models, base = setup()
+    models, base = fine_tunes()
     w = [1.0, 0.5, 2.0]
     out = merges.get("ties")(models, base=base, weights=w, density=0.3, scale=0.8,
                              scope=scope, sign_method=sign_method)
@@ -198,7 +181,7 @@ def test_ties_matches_reference(scope, sign_method):
 
 
 def test_ties_per_leaf_density_matches_reference_leaf_by_leaf():
-    models, base = setup()
+    models, base = fine_tunes()
     out = merges.get("ties")(models, base=base, density={"a": 0.1, "b": [0.5], "c": 1.0})
     b, deltas = task_deltas(models, base)
     expected = [bj + ties_combine_ref(trim_ref([d], dens, "leaf")[0], [1, 1, 1])
@@ -207,7 +190,7 @@ def test_ties_per_leaf_density_matches_reference_leaf_by_leaf():
 
 
 def test_global_and_leaf_scope_differ_when_one_leaf_dominates():
-    models, base = setup(2)
+    models, base = fine_tunes(2)
     # Huge updates in "a".
     models = [{**m, "a": m["a"] + 10.0 * (i + 1)} for i, m in enumerate(models)]
     ties = merges.get("ties")
@@ -219,7 +202,7 @@ def test_global_and_leaf_scope_differ_when_one_leaf_dominates():
 
 
 def test_global_scope_rejects_per_leaf_density():
-    models, base = setup()
+    models, base = fine_tunes()
     with pytest.raises(ValueError, match="global"):
         density = {"a": 0.1, "b": [0.5], "c": 1.0}
         merges.get("ties")(models, base=base, density=density, scope="global")
@@ -227,7 +210,7 @@ def test_global_scope_rejects_per_leaf_density():
 
 @pytest.mark.parametrize("combine", ["linear", "ties"])
 def test_breadcrumbs_matches_reference(combine):
-    models, base = setup()
+    models, base = fine_tunes()
     out = merges.get("breadcrumbs")(
         models, base=base, density=0.4, gamma=0.1, combine=combine, scale=0.7
     )
@@ -246,7 +229,7 @@ def test_breadcrumbs_matches_reference(combine):
 @pytest.mark.parametrize("combine", ["linear", "ties"])
 @pytest.mark.parametrize("density", [0.2, 1.0])
 def test_stitch_and_consensus_match_reference(combine, density):
-    models, base = setup()
+    models, base = fine_tunes()
     b, deltas = task_deltas(models, base)
     w = [1.0, 2.0, 0.5]
     out = merges.get("stitch")(models, base=base, weights=w, density=density)
@@ -270,7 +253,7 @@ def test_stitch_and_consensus_match_reference(combine, density):
 
 
 def test_model_stock_matches_reference():
-    models, base = setup(4)
+    models, base = fine_tunes(4)
     out = merges.get("model_stock")(models, base=base)
     b, deltas = task_deltas(models, base)
     expected = []
@@ -286,7 +269,7 @@ def test_model_stock_matches_reference():
 
 @pytest.mark.parametrize("with_base", [False, True])
 def test_multislerp_and_karcher_match_reference(with_base):
-    models, base = setup()
+    models, base = fine_tunes()
     w = [0.2, 0.5, 0.3]
     b64, per_model = as64(base), [as64(m) for m in models]
     origin = b64 if with_base else [0.0] * len(b64)
@@ -330,7 +313,7 @@ def test_dare_drops_at_the_rate_and_rescales_by_the_inverse():
 
 
 def test_dare_norm_rescaling_keeps_each_leafs_norm():
-    models, base = setup(2)
+    models, base = fine_tunes(2)
     out = merges.get("dare")(models[:1], base=base, drop_rate=0.6, rescale="norm", seed=1)
     b, deltas = task_deltas(models[:1], base)
     for got, bj, d in zip(as64(out), b, deltas):
@@ -349,7 +332,7 @@ def test_dare_masks_differ_across_leaves_and_models():
 
 @pytest.mark.parametrize("combine", ["linear", "ties"])
 def test_dare_combines_the_dropped_vectors_like_the_reference(combine):
-    models, base = setup()
+    models, base = fine_tunes()
     w = [1.0, 0.5, 2.0]
     out = merges.get("dare")(
         models, base=base, weights=w, drop_rate=0.5, combine=combine, seed=4, scale=0.9
@@ -370,7 +353,7 @@ def test_dare_combines_the_dropped_vectors_like_the_reference(combine):
 
 
 def test_dare_with_everything_dropped_returns_base():
-    models, base = setup()
+    models, base = fine_tunes()
     check(merges.get("dare")(models, base=base, drop_rate=1.0), as64(base), atol=0)
 
 
@@ -379,7 +362,7 @@ def test_dare_with_everything_dropped_returns_base():
 
 @pytest.mark.parametrize("name, iters", [("multislerp", 0), ("karcher", 200)])
 def test_sphere_means_per_row_and_under_a_mask(name, iters):
-    models, base = setup()
+    models, base = fine_tunes()
     w = [0.2, 0.5, 0.3]
     extra = {"max_iter": 50, "tol": 0.0} if name == "karcher" else {}
     per_model = [as64(m) for m in models]
@@ -406,7 +389,7 @@ def test_sphere_means_per_row_and_under_a_mask(name, iters):
 
 
 def test_sphere_mask_must_match_the_models():
-    models, base = setup()
+    models, base = fine_tunes()
     bad = {"a": jnp.ones((6, 4), bool), "b": [jnp.ones(5, bool)], "c": jnp.ones((4, 5))}
     with pytest.raises(ValueError, match="mask leaf 'c' must be bool"):
         merges.get("multislerp")(models, mask=bad)

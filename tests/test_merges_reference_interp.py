@@ -14,26 +14,7 @@ import numpy as np
 import pytest
 
 from cpift_jax import merges
-from merge_trees import f32, tree
-
-
-def fine_tunes(n=3, shared=0.0):
-    """A base and n models base + update; ``shared`` mixes in a common update so cores overlap."""
-    base, common = tree(0), tree(99, 0.1)
-    models = [
-        jax.tree.map(lambda b, c, u: b + shared * c + u, base, common, tree(10 + i, 0.1))
-        for i in range(n)
-    ]
-    return models, base
-
-
-def as64(t):
-    return [np.asarray(x, np.float64) for x in jax.tree.leaves(t)]
-
-
-def check(out, expected_leaves, rtol=1e-5, atol=1e-6):
-    for got, want in zip(jax.tree.leaves(out), expected_leaves):
-        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=rtol, atol=atol)
+from merge_trees import as64, check, f32, fine_tunes
 
 
 # ---------------------------------------------------------------- numpy references
