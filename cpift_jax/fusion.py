@@ -47,7 +47,6 @@ import dataclasses
 import functools
 import inspect
 import operator
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,6 +56,7 @@ import numpy as np
 from jax import shard_map
 from jax.sharding import Mesh, PartitionSpec
 
+from cpift_jax import host
 from cpift_jax import merges
 from cpift_jax import sharding
 from cpift_jax import tree as tree_lib
@@ -259,7 +259,7 @@ def _with_option_fallback(call):
 # XLA:CPU runs pass 1's reduction on one thread; leaves of at least this many entries are cut
 # into row blocks whose reductions run in parallel threads (measured 1.6x on two cores).
 _BLOCK_MIN_ENTRIES = 1 << 20
-_STATS_THREADS = max(1, os.cpu_count() or 1)
+_STATS_THREADS = host.usable_cpus()
 _STATS_POOL = concurrent.futures.ThreadPoolExecutor(_STATS_THREADS, thread_name_prefix="fusion-stats")
 
 

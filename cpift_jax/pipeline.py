@@ -168,10 +168,11 @@ class _Run:
     def experts(self, seed: int) -> list:
         return [self.load_params(f"seed{seed}/experts", t) for t in self.tasks]
 
-    def cores(self, seed: int) -> list:
+    def cores(self, seed: int, tasks=None) -> list:
+        """The cores stage's masks of ``tasks`` (default: every task), in that order."""
         like = self.base()[2]
         return [checkpoint.load_masks(self.wd.path(f"seed{seed}/cores") / t, like)
-                for t in self.tasks]
+                for t in (self.tasks if tasks is None else tasks)]
 
     # -- per-seed stages
     def seed_stages(self, seed: int) -> None:
@@ -238,9 +239,8 @@ class _Run:
                 ctx = self.ctx(seed, d)
                 pair = tuple(c.forgetting.pair)
                 experts = dict(zip(self.tasks, self.experts(seed)))
-                cores = dict(zip(self.tasks, self.cores(seed)))  # the cores stage's masks
                 return forgetting_lib.run_seed(ctx, experts, pair, c.cpift, c.multistage.replay,
-                                               c.forgetting.steps, cores=[cores[t] for t in pair])
+                                               c.forgetting.steps, cores=self.cores(seed, pair))
             wd.run(p + "forgetting", forget)
         for key, (_, overrides) in ablation_variants(c).items():
             def ablation(d, overrides=overrides, key=key):

@@ -213,26 +213,41 @@ def measure(command: list[str], log: str) -> tuple[float, float]:
     return wall, usage.ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
 
 
+# Differences kept for the final count before they are re-filtered (float64: 128 MiB).
+_CANDIDATES_MAX = 1 << 24
+
+
 def max_difference(ours: str, theirs: str, tolerance: float) -> tuple[float, float, int]:
     """(max |ours - theirs|, max |ours|, entries differing by more than tolerance x max |ours|)
-    over all tensors, in float64, reading each output once: the threshold only grows as the
-    running max |ours| does, so the differences above the running threshold are a superset of
-    those counted at the end."""
+    over all tensors, in float64, reading each output once: the threshold only grows with the
+    running max |ours|, so the differences above the running threshold are a superset of those
+    counted at the end. Outputs that differ almost everywhere are counted in a second read."""
     a, b = ckpt_lib.open_checkpoint(ours), ckpt_lib.open_checkpoint(theirs)
-    try:
-        if set(a.specs) != set(b.specs):
-            raise ValueError(f"different tensor names: {sorted(set(a.specs) ^ set(b.specs))[:3]}")
-        scale, diff, candidates = 0.0, 0.0, []
+
+    def pairs():
         for name in a.specs:
             x, y = a.read(name).astype(np.float64), b.read(name).astype(np.float64)
             if x.shape != y.shape:
                 raise ValueError(f"tensor '{name}': shapes {x.shape} vs {y.shape}")
+            yield x, np.abs(x - y)
+
+    try:
+        if set(a.specs) != set(b.specs):
+            raise ValueError(f"different tensor names: {sorted(set(a.specs) ^ set(b.specs))[:3]}")
+        scale, diff, candidates = 0.0, 0.0, []
+        for x, d in pairs():
             scale = max(scale, float(np.abs(x).max(initial=0.0)))
-            d = np.abs(x - y)
             diff = max(diff, float(d.max(initial=0.0)))
-            candidates.append(d[d > tolerance * scale])
-        count = int(sum((c > tolerance * scale).sum() for c in candidates))
-        return diff, scale, count
+            if candidates is not None:
+                candidates.append(d[d > tolerance * scale])
+                if sum(c.size for c in candidates) > _CANDIDATES_MAX:
+                    candidates = [np.concatenate(candidates)]
+                    candidates = [candidates[0][candidates[0] > tolerance * scale]]
+                    if candidates[0].size > _CANDIDATES_MAX:
+                        candidates = None  # too many: count in a second read
+        if candidates is None:
+            return diff, scale, sum(int((d > tolerance * scale).sum()) for _, d in pairs())
+        return diff, scale, int(sum((c > tolerance * scale).sum() for c in candidates))
     finally:
         a.close()
         b.close()
@@ -251,6 +266,8 @@ def main(argv):
     if _SETUP.value:
         setup_mergekit()
         return
+    if _REPEATS.value < 1:
+        raise app.UsageError(f"--repeats must be >= 1, got {_REPEATS.value}")
     shape = llama_shape(_PARAMS.value)
     n_params = sum(math.prod(s.shape) for s in tensor_specs(shape, np.float32))
     print(f"synthetic Llama: {n_params / 1e9:.3f}B parameters, {shape}")
@@ -268,8 +285,6 @@ def main(argv):
 
 def run_operator(operator: str, paths: list[str], dtype: np.dtype) -> dict:
     """Times both tools ``--repeats`` times, alternating, and compares the last outputs."""
-    if _REPEATS.value < 1:
-        raise app.UsageError(f"--repeats must be >= 1, got {_REPEATS.value}")
     ours_out = os.path.join(_WORKDIR.value, f"out_ours_{operator}")
     kit_out = os.path.join(_WORKDIR.value, f"out_mergekit_{operator}")
     inputs = inputs_of(operator, paths)

@@ -29,3 +29,10 @@ def test_max_difference_of_equal_outputs_is_zero(tmp_path):
     diff, scale, count = bench_merge.max_difference(write(tmp_path / "x", tensors),
                                                     write(tmp_path / "y", tensors), tolerance=1e-5)
     assert (diff, scale, count) == (0.0, 4.0, 0)
+
+
+def test_max_difference_counts_in_a_second_read_when_most_entries_differ(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_merge, "_CANDIDATES_MAX", 3)
+    ours = write(tmp_path / "ours", {"a": [1.0, 2.0, 3.0], "b": [4.0, 5.0, 6.0]})
+    theirs = write(tmp_path / "theirs", {"a": [1.5, 2.5, 3.0], "b": [4.5, 5.5, 6.5]})
+    assert bench_merge.max_difference(ours, theirs, tolerance=1e-5) == (0.5, 6.0, 5)

@@ -31,13 +31,15 @@ def _ref_threshold(leaves, k):
 @pytest.fixture
 def tiny_host_constants(monkeypatch):
     """Shrinks the host path's sizes so small inputs go through sample + chunked passes, split
-    over three threads (uneven runs of chunks; some runs empty for the smallest inputs)."""
+    over up to three threads (runs of whole chunks, so of uneven sizes)."""
     monkeypatch.setattr(select, "_SMALL", 16)
     monkeypatch.setattr(select, "_SAMPLE", 8)
     monkeypatch.setattr(select, "_HOST_CHUNK", 24)
     monkeypatch.setattr(select, "_THREAD_MIN_ENTRIES", 20)
     monkeypatch.setattr(select, "_PASS_THREADS", 3)
-    monkeypatch.setattr(select, "_PASS_POOL", concurrent.futures.ThreadPoolExecutor(3))
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        monkeypatch.setattr(select, "_PASS_POOL", pool)
+        yield
 
 
 # Values with many duplicates, zeros, -0.0, subnormals and very large entries.
@@ -113,6 +115,7 @@ def test_threshold_large_input_uses_sampled_pass_and_xla_chunks():
         "too_high",  # count(>= lo) < k: the bracket misses below
         "too_low",  # count(>= hi) >= k: the bracket misses above
         "cap",  # more entries inside than the cap: copying stops, counting goes on
+        "cap_total",  # each thread's copy fits the cap, all of them together do not
         "bisect",  # a bracket too big to copy: 16-way bisection passes
     ],
 )
@@ -126,11 +129,24 @@ def test_threshold_recovers_from_a_misleading_sample(tiny_host_constants, monkey
         monkeypatch.setattr(select, "_first_guess", lambda *a: ([0, 1], (0, 1), 10**6))
     elif guess == "cap":
         monkeypatch.setattr(select, "_first_guess", lambda *a: ([0], (0, None), 3))
+    elif guess == "cap_total":  # 577 entries in 3 runs of about 192
+        monkeypatch.setattr(select, "_first_guess", lambda *a: ([0], (0, None), 300))
+        first_values = []
+        count_pass = select._count_pass
+
+        def recording(*args):
+            out = count_pass(*args)
+            first_values.append(out[1])
+            return out
+
+        monkeypatch.setattr(select, "_count_pass", recording)
     else:
         monkeypatch.setattr(select, "_first_guess", lambda *a: ([0, 1], None, 0))
         monkeypatch.setattr(select, "_EXTRACT_MAX", 5)
     for k in (1, 13, 200, 576, 577):
         assert float(masks.threshold(leaves, k, method="host")) == _ref_threshold(leaves, k), k
+    if guess == "cap_total":  # the first pass gave up its copy although no thread went over
+        assert first_values[0] is None
 
 
 @pytest.mark.parametrize("method", ["host", "xla"])

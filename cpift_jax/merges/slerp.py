@@ -41,6 +41,7 @@ t = 1 return the endpoints exactly (sin(theta)/sin(theta) = 1 in floating point)
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Sequence
 
@@ -91,6 +92,9 @@ def _uses_rows(x: jax.Array, granularity: str) -> bool:
     return granularity == "row" and x.ndim >= 2
 
 
+# Jitted so that eager calls fuse the products into the reduction too (no three leaf-sized
+# temporaries); under an outer jit this is inlined.
+@functools.partial(jax.jit, static_argnames="rows")
 def _inner_products(x: jax.Array, y: jax.Array, rows: bool) -> tuple[jax.Array, ...]:
     """(<x, x>, <y, y>, <x, y>) per row (keepdims, for broadcasting) or over the whole leaf
     (row sums first: shorter float32 accumulations than one flat sum), from one read of x, y."""

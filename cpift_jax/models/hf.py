@@ -91,6 +91,15 @@ def params_from_tensors(
     return tree.map_with_path(lambda path, _: by_path[path], abstract_params(config))
 
 
+def load_config(path: str | os.PathLike, *, param_dtype: str | None = None) -> ModelConfig:
+    """The ``ModelConfig`` of an HF checkpoint directory (its ``config.json``), as ``load`` gives."""
+    config_file = os.path.join(os.fspath(path), "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"no config.json in {os.fspath(path)!r}")
+    with open(config_file) as f:
+        return ModelConfig.from_hf(json.load(f), param_dtype=param_dtype)
+
+
 def load(path: str | os.PathLike, *, param_dtype: str | None = None) -> tuple[ModelConfig, dict]:
     """HF checkpoint directory -> ``(ModelConfig, params)``.
 
@@ -99,11 +108,7 @@ def load(path: str | os.PathLike, *, param_dtype: str | None = None) -> tuple[Mo
     (default: the checkpoint's, see ``ModelConfig.from_hf``). Pickled ``.bin`` weights are refused.
     """
     path = os.fspath(path)
-    config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"no config.json in {path!r}")
-    with open(config_file) as f:
-        config = ModelConfig.from_hf(json.load(f), param_dtype=param_dtype)
+    config = load_config(path, param_dtype=param_dtype)
     files = _weight_files(path)
     handles = {}
     try:

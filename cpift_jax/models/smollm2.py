@@ -122,16 +122,12 @@ def load(cache: str | None = None, *, param_dtype: str = "float32"):
 def load_config_and_tokenizer(cache: str | None = None, *, param_dtype: str = "float32"):
     """-> ``(ModelConfig, tokenizer)`` as ``load`` gives them, without reading the weights (for
     runs whose parameters come from elsewhere, e.g. a resumed pipeline's workdir)."""
-    import json
-
     import transformers
 
-    from cpift_jax.models.config import ModelConfig
+    from cpift_jax.models import hf
 
     path = _available_dir(cache)
-    with open(os.path.join(path, "config.json")) as f:
-        config = ModelConfig.from_hf(json.load(f), param_dtype=param_dtype)
-    return config, transformers.AutoTokenizer.from_pretrained(path)
+    return hf.load_config(path, param_dtype=param_dtype), transformers.AutoTokenizer.from_pretrained(path)
 
 
 def complete(prompt: str, max_new_tokens: int = 20, cache: str | None = None, *,
