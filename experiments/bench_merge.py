@@ -299,12 +299,12 @@ def run_operator(operator: str, paths: list[str], dtype: np.dtype) -> dict:
                             "--no-copy-tokenizer", "--no-write-model-card", "--quiet",
                             f"--out-shard-size={per_shard}"], kit_out)
     runs = {tool: [] for tool in commands}
-    for _ in range(_REPEATS.value):
+    for repeat in range(_REPEATS.value):
         for tool, (command, out) in commands.items():
             shutil.rmtree(out, ignore_errors=True)
             if _WARM.value:
                 warm_cache(inputs, others)
-            runs[tool].append(measure(command, out + ".log"))
+            runs[tool].append(measure(command, f"{out}.run{repeat}.log"))
     row = {"operator": operator}
     for tool, results in runs.items():
         row[f"{tool}_runs_s"] = [wall for wall, _ in results]
