@@ -5,14 +5,15 @@
     #   python3 -m venv .cache/mergekit-venv && \
     #       .cache/mergekit-venv/bin/pip install torch==2.13.0 mergekit==0.1.5
     python -m experiments.bench_merge                      # 3 x ~1B float32 params (~40 GB disk)
-    python -m experiments.bench_merge --params=50e6        # quick (~2 minutes)
+    python -m experiments.bench_merge --params=50e6 --repeats=1   # quick (~1 minute)
 
 Writes a base and 3 fine-tune-like models (base + small noise) of ``--params`` parameters each
 (Llama layout, ``config.json`` with model_type llama, safetensors) under ``--workdir`` (reused
 when the spec matches), then for each operator runs ``python -m experiments.merge`` with the
 recipe in configs/merge/ and ``mergekit-yaml`` with the equivalent YAML, each as its own
-subprocess (wall time; peak RSS from ``wait4``'s rusage), and compares the two outputs tensor by
-tensor. Before each timed run the other checkpoints are dropped from the page cache and its
+subprocess (wall time; peak RSS from ``wait4``'s rusage), ``--repeats`` times alternating
+between the tools (median wall time, largest peak RSS), and compares the last two outputs tensor
+by tensor. Before each timed run the other checkpoints are dropped from the page cache and its
 input files are read once (``--warm_cache``), so neither tool gains from the other's reads
 (without it, whichever runs second finds the inputs cached), and
 pending writes are flushed (``sync``), so no run pays for the previous run's output.
