@@ -260,7 +260,7 @@ def _with_option_fallback(call):
 # into row blocks whose reductions run in parallel threads (measured 1.6x on two cores).
 _BLOCK_MIN_ENTRIES = 1 << 20
 _STATS_THREADS = host.usable_cpus()
-_STATS_POOL = concurrent.futures.ThreadPoolExecutor(_STATS_THREADS, thread_name_prefix="fusion-stats")
+_STATS_POOL = host.thread_pool()
 
 
 def _submit_stats(plan, mesh, donate, args) -> list[concurrent.futures.Future]:

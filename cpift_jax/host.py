@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import os
 
-__all__ = ["usable_cpus"]
+__all__ = ["usable_cpus", "thread_pool"]
 
 
 def usable_cpus() -> int:
@@ -13,3 +15,11 @@ def usable_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)
+
+
+@functools.lru_cache(maxsize=None)
+def thread_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """One pool of ``usable_cpus()`` threads for the CPU paths that split work across cores
+    (fusion pass 1, the threshold's counting passes). Its tasks must not wait on other tasks
+    of the pool."""
+    return concurrent.futures.ThreadPoolExecutor(usable_cpus(), thread_name_prefix="cpift-host")

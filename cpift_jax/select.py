@@ -29,7 +29,6 @@ path; on the xla path they make the result NaN (no exception can be raised under
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
 from typing import Any
 
@@ -59,7 +58,7 @@ _EXTRACT_MAX = 1 << 22  # entries a bracket may hold to be copied out (16 MiB)
 # Counting passes run in this many threads, each over at least _THREAD_MIN_ENTRIES entries.
 _PASS_THREADS = host.usable_cpus()
 _THREAD_MIN_ENTRIES = 1 << 22
-_PASS_POOL = concurrent.futures.ThreadPoolExecutor(_PASS_THREADS, thread_name_prefix="select")
+_PASS_POOL = host.thread_pool()
 
 
 # ----------------------------------------------------------------------------------- host path

@@ -563,7 +563,7 @@ def _expected_calls(plans, hps, sources, readers, cast) -> list:
         placeholders, stored = [], []
         for reader in readers:
             dtype = reader.specs[plan.name].dtype
-            storage = host_buffers.storage_dtype(dtype) if reader.reads_into_buffer else None
+            storage = host_buffers.storage_dtype(dtype)  # as host_buffers.to_jax hands it over
             placeholders.append(jax.ShapeDtypeStruct(plan.out.shape, storage or dtype,
                                                      sharding=sharding))
             stored.append(None if storage is None else dtype)

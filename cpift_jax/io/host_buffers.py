@@ -71,8 +71,10 @@ def storage_dtype(dtype: np.dtype) -> np.dtype | None:
 
 def to_jax(array: np.ndarray) -> tuple[jax.Array, np.dtype | None]:
     """``(jax array, true dtype or None)``: zero-copy when ``array`` is C-contiguous and
-    aligned, a copy otherwise. When the true dtype is returned the jax array holds the raw bits
-    as unsigned integers; ``from_storage`` restores it (inside jit: a free bitcast)."""
+    aligned, a copy otherwise. For dtypes DLPack cannot carry the true dtype is returned and the
+    jax array holds the raw bits as unsigned integers, copied or not (so a jitted consumer sees
+    one signature whatever the alignment); ``from_storage`` restores it (inside jit: a free
+    bitcast)."""
     array = np.asarray(array)
     storage = storage_dtype(array.dtype)
     view = array if storage is None else array.view(storage)
@@ -82,7 +84,7 @@ def to_jax(array: np.ndarray) -> tuple[jax.Array, np.dtype | None]:
             return jnp.from_dlpack(view, copy=False), true_dtype
         except (BufferError, ValueError, TypeError):
             pass  # an exotic layout or dtype: fall through to a copy
-    return jax.device_put(array, host_device()), None
+    return jax.device_put(view, host_device()), true_dtype
 
 
 def host_device() -> jax.Device:
