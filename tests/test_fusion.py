@@ -287,6 +287,17 @@ def test_donated_backbone_gives_the_same_result(use_mesh):
         assert np.isfinite(v).all()
 
 
+@pytest.mark.parametrize("overlap", fusion.OVERLAP_RULES)
+def test_donated_backbone_buffers_hold_the_output(overlap):
+    """Every rule writes into the donated buffers, also the rules that never read the backbone
+    (a program that drops the unused backbone cannot reuse its buffer)."""
+    backbone, tuned, cores = random_case(6, [(16, 4), (10,)], n=2)
+    donated = jax.tree.map(jnp.array, backbone)
+    buffers = {k: v.unsafe_buffer_pointer() for k, v in donated.items()}
+    fused, _ = fusion.fuse(donated, tuned, cores, overlap=overlap, donate_backbone=True)
+    assert {k: v.unsafe_buffer_pointer() for k, v in fused.items()} == buffers
+
+
 # -------------------------------------------------------------------------------- bad input
 
 
