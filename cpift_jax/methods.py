@@ -145,9 +145,11 @@ def heuristic_groups(tasks: Sequence[str], expert_scores: Mapping[str, float],
 CORE_KEYS = ("p", "scope", "core_exclude")
 
 
-def keeps_cores(overrides: Mapping[str, Any]) -> bool:
-    """Whether config.cpift ``overrides`` leave every task's core mask unchanged."""
-    return not set(overrides) & set(CORE_KEYS)
+def keeps_cores(cpift_cfg, overrides: Mapping[str, Any]) -> bool:
+    """Whether config.cpift ``overrides`` leave every core setting (``CORE_KEYS``) as in
+    ``cpift_cfg``, so every task's core mask is the one computed with ``cpift_cfg``."""
+    as_value = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    return all(as_value(overrides[k]) == as_value(cpift_cfg[k]) for k in CORE_KEYS if k in overrides)
 
 
 def core_masks(base: Pytree, experts: Sequence[Pytree], cfg) -> list[Pytree]:

@@ -247,7 +247,7 @@ class _Run:
                 ctx = self.ctx(seed, d)
                 cfg = c.cpift.copy_and_resolve_references()
                 cfg.update(overrides)
-                cores = self.cores(seed) if methods.keeps_cores(overrides) else None
+                cores = self.cores(seed) if methods.keeps_cores(c.cpift, overrides) else None
                 return methods.cpift_chain(ctx, self.experts(seed), cfg, cores=cores,
                                            backbone=self.backbone(seed), name=key)
             wd.run(p + key, ablation)

@@ -169,10 +169,19 @@ def test_core_keys_are_every_setting_that_core_masks_reads():
 
 
 def test_only_variants_that_keep_the_core_settings_reuse_the_stored_cores():
-    variants = pipeline_config.ablation_variants(toy.get_config("ablations"))
-    reused = {key for key, (_, overrides) in variants.items() if methods.keeps_cores(overrides)}
+    config = toy.get_config("ablations")
+    variants = pipeline_config.ablation_variants(config)
+    reused = {key for key, (_, overrides) in variants.items() if methods.keeps_cores(config.cpift, overrides)}
     assert reused == {"ablation_tau0", "ablation_linear", "ablation_no_freeze", "ablation_no_replay"}
     assert {"ablation_no_embed_head", "ablation_p0.5", "ablation_p5"} <= set(variants)
+
+
+def test_core_settings_equal_to_the_main_runs_keep_its_cores():
+    cpift = toy.get_config().cpift  # p 0.01, scope global, no exclusions
+    assert methods.keeps_cores(cpift, {"p": 0.01, "scope": "global", "core_exclude": [], "tau": 0.0})
+    assert not methods.keeps_cores(cpift, {"p": 0.02})
+    assert not methods.keeps_cores(cpift, {"scope": "leaf"})
+    assert not methods.keeps_cores(cpift, {"core_exclude": ("embed",)})
 
 
 # ----------------------------------------------------------------------------- normalisation
