@@ -9,7 +9,7 @@ counted for a throughput: the two task models' bytes (each read at least once); 
 is those bytes over the time ``np.copyto`` takes to copy them (same run, interleaved rounds).
 The NumPy baseline is the per-tensor float32 way (normalised copies, dot, arccos, sin, as
 mergekit's slerp) plus the same transplant. Compile time is reported separately; every other
-time is the median over ``--repeats`` rounds (the NumPy baseline, ~25x slower, over its first
+time is the median over ``--repeats`` rounds (the NumPy baseline, ~20x slower, over its first
 ``--numpy_repeats``). Each round runs every measurement once, so a round's copy and fusion are
 seconds apart: the bandwidth row also gives the range of the per-round ratios, which shows how
 much the shared machine moved during the run. The "cpu ms" column is this process's CPU time
