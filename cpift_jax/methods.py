@@ -140,8 +140,8 @@ def heuristic_groups(tasks: Sequence[str], expert_scores: Mapping[str, float],
 # ------------------------------------------------------------------------------- CPI-FT steps
 
 
-# The settings of config.cpift that ``core_masks`` reads: a variant overriding none of them has
-# the same cores as the main run and can reuse them.
+# The settings of config.cpift that ``core_masks`` reads: a variant that leaves them at the main
+# run's values has the same cores and can reuse them (``keeps_cores``).
 CORE_KEYS = ("p", "scope", "core_exclude")
 
 

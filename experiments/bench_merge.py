@@ -241,11 +241,10 @@ def max_difference(ours: str, theirs: str, tolerance: float) -> tuple[float, flo
             diff = max(diff, float(d.max(initial=0.0)))
             if candidates is not None:
                 candidates.append(d[d > tolerance * scale])
-                if sum(c.size for c in candidates) > _CANDIDATES_MAX:
-                    candidates = [np.concatenate(candidates)]
-                    candidates = [candidates[0][candidates[0] > tolerance * scale]]
-                    if candidates[0].size > _CANDIDATES_MAX:
-                        candidates = None  # too many: count in a second read
+                if sum(c.size for c in candidates) > _CANDIDATES_MAX:  # re-filter at today's scale
+                    kept = np.concatenate(candidates)
+                    kept = kept[kept > tolerance * scale]
+                    candidates = [kept] if kept.size <= _CANDIDATES_MAX else None  # None: second read
         if candidates is None:
             return diff, scale, sum(int((d > tolerance * scale).sum()) for _, d in pairs())
         return diff, scale, int(sum((c > tolerance * scale).sum() for c in candidates))
