@@ -37,12 +37,13 @@ about 0. Forgetting (logic -> strings): drop on A -76 (full SFT), -47 (multi-sta
 -41 (CPI-FT); gain on B +3 / +1 / +9 points. These averages move by ~0.2 with changes that only
 alter float rounding (earlier decoder versions gave multi-task 0.35 / 0.59, CPI-FT 0.23 / 0.38). Tasks
 whose expert stays within 0.05 of chance on a seed are left out of that seed's average (the
-guard in ``cpift_jax.aggregate``).
+guard in ``cpift_jax.benchmark.aggregate``).
 """
 
 import ml_collections
 
-from cpift_jax import optim, pretrain
+from cpift_jax import optim
+from cpift_jax.training import pretrain
 from cpift_jax.data import suite
 
 

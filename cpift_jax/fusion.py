@@ -31,7 +31,7 @@ elementwise sweep. ``donate_backbone=True`` lets pass 2 write into the backbone'
 backbone arrays are deleted): a fresh output costs page faults, ~0.5 s per GiB on CPU.
 With ``mesh`` (one axis) each device handles a block of rows of every leaf whose leading
 dimension is a multiple of the device count; partial sums are combined with one ``psum`` per
-leaf (see ``cpift_jax.sharding``). Results equal the single-device ones to float32 rounding.
+leaf (see ``cpift_jax.fusion_layout``). Results equal the single-device ones to float32 rounding.
 
 Report (JSON-serialisable Python ints): ``total_params``; ``core_union`` = |U|;
 ``merged_entries`` = total - |U|; ``core_sizes`` |C_i|; ``pairwise_overlap`` |C_i & C_j|
@@ -58,7 +58,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from cpift_jax import host
 from cpift_jax import merges
-from cpift_jax import sharding
+from cpift_jax import fusion_layout
 from cpift_jax import tree as tree_lib
 from cpift_jax.merges import slerp as slerp_lib
 from cpift_jax.merges._common import row_sums
@@ -207,7 +207,7 @@ def _compiled(plan: _Plan, mesh: Mesh | None, donate: bool, platform: str):
                           out_specs=rows)
 
     def views(backbone, xs, ms):
-        view = sharding.row_view(backbone.shape, plan.parts)
+        view = fusion_layout.row_view(backbone.shape, plan.parts)
         as_view = lambda x: x.reshape(view)  # noqa: E731  (a free bitcast inside the jit)
         return as_view(backbone), tuple(map(as_view, xs)), tuple(map(as_view, ms)), as_view
 
@@ -234,7 +234,7 @@ def _compiled_block_stats(plan: _Plan, rows: int, platform: str):
     the slice is fused into the reduction (no copy)."""
 
     def run(start, backbone, xs, ms):
-        view = sharding.row_view(backbone.shape)
+        view = fusion_layout.row_view(backbone.shape)
         block = lambda x: jax.lax.dynamic_slice_in_dim(x.reshape(view), start, rows)  # noqa: E731
         return _stats(block(backbone), tuple(map(block, xs)), tuple(map(block, ms)), plan=plan)
 
@@ -270,7 +270,7 @@ def _submit_stats(plan, mesh, donate, args) -> list[concurrent.futures.Future]:
     """Pass 1 of one leaf as futures of (gram, counts), one per row block (in row order)."""
     backbone, xs, ms, _ = args
     platform = _platform(backbone)
-    rows = sharding.row_view(np.shape(backbone), plan.parts)[0]
+    rows = fusion_layout.row_view(np.shape(backbone), plan.parts)[0]
     threads = _STATS_THREADS
     if mesh is not None or platform != "cpu" or threads < 2 or np.size(backbone) < _BLOCK_MIN_ENTRIES \
             or rows < threads:
@@ -420,7 +420,7 @@ def fuse(
     owned = sorted(set(merge_kwargs) & set(_FUSE_OWNED))
     if owned:
         raise ValueError(f"fuse sets {owned} for the merge operator itself; do not pass them")
-    axis = sharding.check_mesh(mesh) if mesh is not None else None
+    axis = fusion_layout.check_mesh(mesh) if mesh is not None else None
     paths, b_leaves, treedef = tree_lib.flatten(backbone)
     x_leaves = list(zip(*(jax.tree_util.tree_leaves(m) for m in tuned_models)))
     m_leaves = list(zip(*(jax.tree_util.tree_leaves(m) for m in core_masks)))
@@ -437,14 +437,14 @@ def fuse(
     jobs = []
     for j in range(len(paths)):
         shape = np.shape(b_leaves[j])
-        split = sharding.is_sharded(shape, mesh)
+        split = fusion_layout.is_sharded(shape, mesh)
         plan = _Plan(n=n, rule=overlap, slerp=merge == "slerp",
                      rows=granularity == "row" and len(shape) >= 2, eps=eps, dot_threshold=threshold,
                      parts=mesh.size if split else 1, axis=axis if split else None)
         args = [b_leaves[j], x_leaves[j], m_leaves[j], extras[j]]
         if mesh is not None:
-            args = jax.tree.map(lambda x: sharding.place(jnp.asarray(x), mesh, split), args[:3]) + [
-                extras[j] if merge == "slerp" else sharding.place(extras[j], mesh, split)]
+            args = jax.tree.map(lambda x: fusion_layout.place(jnp.asarray(x), mesh, split), args[:3]) + [
+                extras[j] if merge == "slerp" else fusion_layout.place(extras[j], mesh, split)]
         leaf_mesh = mesh if split else None
         jobs.append((plan, leaf_mesh, args, _submit_stats(plan, leaf_mesh, donate_backbone, args)))
     outs, counts = [], []

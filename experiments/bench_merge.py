@@ -47,8 +47,8 @@ import time
 import numpy as np
 from absl import app, flags
 
-from cpift_jax.io import checkpoints as ckpt_lib
-from cpift_jax.io import safetensors_io as st
+from cpift_jax.streaming import checkpoint_io as ckpt_lib
+from cpift_jax.streaming import safetensors_io as st
 
 _PARAMS = flags.DEFINE_float("params", 1e9, "parameters per synthetic model")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "checkpoint dtype")

@@ -24,7 +24,7 @@ def main(argv):
     del argv
     import jax
 
-    from cpift_jax import pipeline
+    from cpift_jax.benchmark import pipeline
 
     config = _CONFIG.value
     logging.info("config:\n%s", config)

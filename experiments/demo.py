@@ -9,7 +9,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cpift_jax import demo
+from cpift_jax.benchmark import demo
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", lock_config=True)
 

@@ -2,7 +2,7 @@
 
     python -m experiments.merge --config=configs/merge/ties.py:BASE,A,B --config.output=DIR
 
-Recipes and their keys: configs/merge/. Library: cpift_jax.streaming.
+Recipes and their keys: configs/merge/. Library: cpift_jax.streaming.merge.
 """
 
 import logging as std_logging

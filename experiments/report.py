@@ -2,12 +2,12 @@
 
     python -m experiments.report --workdir=DIR
 
-Library: cpift_jax.report (rerender -> write). Prints the paths written, results.md first.
+Library: cpift_jax.benchmark.report (rerender -> write). Prints the paths written, results.md first.
 """
 
 from absl import app, flags, logging
 
-from cpift_jax import report
+from cpift_jax.benchmark import report
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "pipeline workdir holding results.json",
                                required=True)

@@ -24,7 +24,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "root directory (one workdir per
 
 def main(argv):
     del argv
-    from cpift_jax import sweep
+    from cpift_jax.benchmark import sweep
 
     logging.info("config:\n%s", _CONFIG.value)
     rows = sweep.sweep(_CONFIG.value, _KNOB.value, sweep.parse_values(_VALUES.value),

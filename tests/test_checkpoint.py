@@ -1,4 +1,4 @@
-"""Tests for cpift_jax.checkpoint: params and masks round trips, no overwriting, clear errors."""
+"""Tests for cpift_jax.training.checkpoints: params and masks round trips, no overwriting, clear errors."""
 
 import json
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cpift_jax import checkpoint
+from cpift_jax.training import checkpoints
 
 
 def params():
@@ -36,75 +36,75 @@ def assert_same(actual, expected):
 
 
 def test_params_round_trip_keeps_values_dtypes_and_structure(tmp_path):
-    checkpoint.save_params(tmp_path / "ckpt", params())
-    assert_same(checkpoint.load_params(tmp_path / "ckpt"), params())
-    assert_same(checkpoint.load_params(tmp_path / "ckpt", like=params()), params())
+    checkpoints.save_params(tmp_path / "ckpt", params())
+    assert_same(checkpoints.load_params(tmp_path / "ckpt"), params())
+    assert_same(checkpoints.load_params(tmp_path / "ckpt", like=params()), params())
 
 
 def test_params_refuse_to_overwrite(tmp_path):
-    checkpoint.save_params(tmp_path / "ckpt", params())
+    checkpoints.save_params(tmp_path / "ckpt", params())
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
-        checkpoint.save_params(tmp_path / "ckpt", jax.tree.map(jnp.zeros_like, params()))
-    assert_same(checkpoint.load_params(tmp_path / "ckpt"), params())  # untouched
+        checkpoints.save_params(tmp_path / "ckpt", jax.tree.map(jnp.zeros_like, params()))
+    assert_same(checkpoints.load_params(tmp_path / "ckpt"), params())  # untouched
 
 
 def test_params_load_checks_against_like(tmp_path):
-    checkpoint.save_params(tmp_path / "ckpt", params())
+    checkpoints.save_params(tmp_path / "ckpt", params())
     like = dict(params(), embed=jnp.zeros((3, 2)))
     with pytest.raises(ValueError, match=r"leaf 'embed': expected has shape \(3, 2\), .*ckpt has shape \(2, 3\)"):
-        checkpoint.load_params(tmp_path / "ckpt", like=like)
+        checkpoints.load_params(tmp_path / "ckpt", like=like)
     like = dict(params(), extra=jnp.zeros(2))
     with pytest.raises(ValueError, match="leaf 'extra' is in expected but missing"):
-        checkpoint.load_params(tmp_path / "ckpt", like=like)
+        checkpoints.load_params(tmp_path / "ckpt", like=like)
 
 
 def test_params_missing_and_corrupted(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing parameter checkpoint at .*nowhere"):
-        checkpoint.load_params(tmp_path / "nowhere")
-    checkpoint.save_params(tmp_path / "ckpt", params())
+        checkpoints.load_params(tmp_path / "nowhere")
+    checkpoints.save_params(tmp_path / "ckpt", params())
     for f in (tmp_path / "ckpt").rglob("*"):
         if f.is_file():
             f.write_bytes(b"\x00garbage")
     with pytest.raises(ValueError, match="cannot read the parameter checkpoint .*ckpt"):
-        checkpoint.load_params(tmp_path / "ckpt")
+        checkpoints.load_params(tmp_path / "ckpt")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="cannot read the parameter checkpoint .*empty"):
-        checkpoint.load_params(tmp_path / "empty")
+        checkpoints.load_params(tmp_path / "empty")
 
 
 def test_masks_round_trip_bit_packed(tmp_path):
-    checkpoint.save_masks(tmp_path / "core", masks())
-    restored = checkpoint.load_masks(tmp_path / "core", like=masks())
+    checkpoints.save_masks(tmp_path / "core", masks())
+    restored = checkpoints.load_masks(tmp_path / "core", like=masks())
     assert_same(restored, masks())
     shapes = json.loads((tmp_path / "core" / "shapes.json").read_text())
     assert shapes == {"embed": [2, 3], "layers/0/w": [1, 2], "layers/1/w": [1, 2], "scale": [], "wide": [13]}
     # the parameters (float leaves of the same shapes) also describe the target structure
     like = jax.tree.map(lambda m: np.zeros(m.shape, np.float32), masks())
-    assert_same(checkpoint.load_masks(tmp_path / "core", like=like), masks())
+    assert_same(checkpoints.load_masks(tmp_path / "core", like=like), masks())
 
 
 def test_masks_refuse_to_overwrite_and_check_shapes(tmp_path):
-    checkpoint.save_masks(tmp_path / "core", masks())
+    checkpoints.save_masks(tmp_path / "core", masks())
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
-        checkpoint.save_masks(tmp_path / "core", masks())
+        checkpoints.save_masks(tmp_path / "core", masks())
     wrong = dict(masks(), wide=np.zeros(12, bool))
     with pytest.raises(ValueError, match="do not match the parameters; first differing leaf: wide"):
-        checkpoint.load_masks(tmp_path / "core", like=wrong)
+        checkpoints.load_masks(tmp_path / "core", like=wrong)
 
 
 def test_masks_missing_and_corrupted(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing JSON artifact at .*shapes.json"):
-        checkpoint.load_masks(tmp_path / "nowhere", like=masks())
-    checkpoint.save_masks(tmp_path / "core", masks())
+        checkpoints.load_masks(tmp_path / "nowhere", like=masks())
+    checkpoints.save_masks(tmp_path / "core", masks())
     (tmp_path / "core" / "shapes.json").write_text('{"embed": [2, ')
     with pytest.raises(ValueError, match="corrupted JSON artifact .*shapes.json"):
-        checkpoint.load_masks(tmp_path / "core", like=masks())
+        checkpoints.load_masks(tmp_path / "core", like=masks())
 
 
 def test_json_is_written_atomically(tmp_path):
     target = tmp_path / "sub" / "meta.json"
-    checkpoint.write_json(target, {"b": 1, "a": [1, 2]})
-    assert checkpoint.read_json(target) == {"a": [1, 2], "b": 1}
-    checkpoint.write_json(target, {"b": 2})  # metadata may be replaced, never half-written
-    assert checkpoint.read_json(target) == {"b": 2}
+    checkpoints.write_json(target, {"b": 1, "a": [1, 2]})
+    assert checkpoints.read_json(target) == {"a": [1, 2], "b": 1}
+    checkpoints.write_json(target, {"b": 2})  # metadata may be replaced, never half-written
+    assert checkpoints.read_json(target) == {"b": 2}
     assert sorted(p.name for p in target.parent.iterdir()) == ["meta.json"]  # no temporary left

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from configs import demo as demo_config
-from cpift_jax import demo
+from cpift_jax.benchmark import demo
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -277,8 +277,8 @@ def test_donated_backbone_gives_the_same_result(use_mesh):
     expected, report = fusion.fuse(backbone, tuned, cores, mesh=mesh)
     donated = jax.tree.map(jnp.array, backbone)  # fresh device buffers we may give away
     if use_mesh:
-        from cpift_jax import sharding
-        donated = {k: sharding.place(v, mesh, sharding.is_sharded(v.shape, mesh)) for k, v in donated.items()}
+        from cpift_jax import fusion_layout
+        donated = {k: fusion_layout.place(v, mesh, fusion_layout.is_sharded(v.shape, mesh)) for k, v in donated.items()}
     fused, donated_report = fusion.fuse(donated, tuned, cores, mesh=mesh, donate_backbone=True)
     assert donated_report == report
     assert_tree_close(fused, expected, rtol=0, atol=0)

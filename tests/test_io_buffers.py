@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from cpift_jax.io import direct_write, host_buffers
-from cpift_jax.io import safetensors_io as st
+from cpift_jax.streaming import direct_write, host_buffers
+from cpift_jax.streaming import safetensors_io as st
 
 
 @pytest.mark.parametrize("nbytes", [1, 63, 4096, 1_000_003])

@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 
 from configs import toy
-from cpift_jax import aggregate, methods, pipeline, pipeline_config
+from cpift_jax.benchmark import aggregate
+from cpift_jax.benchmark import methods
+from cpift_jax.benchmark import pipeline
+from cpift_jax.benchmark import config_checks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,7 +173,7 @@ def test_core_keys_are_every_setting_that_core_masks_reads():
 
 def test_only_variants_that_keep_the_core_settings_reuse_the_stored_cores():
     config = toy.get_config("ablations")
-    variants = pipeline_config.ablation_variants(config)
+    variants = config_checks.ablation_variants(config)
     reused = {key for key, (_, overrides) in variants.items() if methods.keeps_cores(config.cpift, overrides)}
     assert reused == {"ablation_tau0", "ablation_linear", "ablation_no_freeze", "ablation_no_replay"}
     assert {"ablation_no_embed_head", "ablation_p0.5", "ablation_p5"} <= set(variants)

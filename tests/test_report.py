@@ -1,4 +1,4 @@
-"""Tests for cpift_jax.report / report_schema / plots and the experiments.report binary.
+"""Tests for cpift_jax.benchmark.report / report_schema / plots and the experiments.report binary.
 
 A synthetic results dict (3 tasks, 3 seeds) with hand-picked numbers: the expected cells are
 written out, so a change in formatting, bolding or row order fails here.
@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cpift_jax import plots, report
-from cpift_jax.report_schema import check_results, core_fraction
+from cpift_jax.benchmark import plots
+from cpift_jax.benchmark import report
+from cpift_jax.benchmark.report_schema import check_results, core_fraction
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ["arith", "logic", "recall"]

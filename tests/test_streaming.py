@@ -1,4 +1,4 @@
-"""End to end: experiments/merge.py and cpift_jax.streaming on tiny Hugging Face checkpoints.
+"""End to end: experiments/merge.py and cpift_jax.streaming.merge on tiny Hugging Face checkpoints.
 
 The checkpoints are written here with transformers (LlamaForCausalLM.save_pretrained, tiny
 sizes): a base and three fine-tune-like models (base + small noise). Every merged checkpoint is
@@ -21,9 +21,10 @@ from safetensors.numpy import load_file, save_file
 from configs.merge import linear as linear_recipe
 from configs.merge import slerp as slerp_recipe
 from configs.merge import ties as ties_recipe
-from cpift_jax import checkpoint as checkpoint_lib
-from cpift_jax import merges, streaming
-from cpift_jax.io import safetensors_io as st
+from cpift_jax.training import checkpoints as checkpoint_lib
+from cpift_jax import merges
+from cpift_jax.streaming import merge as streaming
+from cpift_jax.streaming import safetensors_io as st
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -3,7 +3,8 @@
 import pytest
 
 from configs import toy
-from cpift_jax import pipeline, sweep
+from cpift_jax.benchmark import pipeline
+from cpift_jax.benchmark import sweep
 
 
 def test_parse_values():

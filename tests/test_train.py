@@ -8,7 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cpift_jax import evaluate, models, optim, pretrain, train
+from cpift_jax import models, optim
+from cpift_jax.training import evaluate
+from cpift_jax.training import pretrain
+from cpift_jax.training import train
 from cpift_jax.data import batching, suite
 from cpift_jax.data.suite import Example
 from cpift_jax.data.tokenizer import CharTokenizer

@@ -1,9 +1,9 @@
-"""Tests for cpift_jax.workdir: config pinning, skip-if-done and resume after interruption."""
+"""Tests for cpift_jax.benchmark.workdir: config pinning, skip-if-done and resume after interruption."""
 
 import pytest
 
-from cpift_jax.checkpoint import read_json
-from cpift_jax.workdir import Workdir, config_diff
+from cpift_jax.training.checkpoints import read_json
+from cpift_jax.benchmark.workdir import Workdir, config_diff
 
 
 def test_config_diff_names_nested_keys():

@@ -20,7 +20,7 @@ Keys (``base_config``):
                   ... casts every input to it and stores the output in it.
   truncate_vocab  on an embedding/head vocabulary mismatch keep the smallest vocabulary (with a
                   warning) instead of failing.
-  execution       'auto', 'jit' or 'eager' (see ``cpift_jax.streaming``).
+  execution       'auto', 'jit' or 'eager' (see ``cpift_jax.streaming.merge``).
   direct_write    write the shards around the page cache (O_DIRECT) where the filesystem
                   allows it: less CPU per byte written, and the inputs stay cached.
   progress        show a progress bar (tensors and bytes).

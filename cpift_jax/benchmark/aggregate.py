@@ -1,8 +1,8 @@
 """``results.json`` of the CPI-FT benchmark from the stage results stored in a workdir.
 
-Split out of ``cpift_jax.pipeline`` (which runs the stages): this module only reads their
+Split out of ``cpift_jax.benchmark.pipeline`` (which runs the stages): this module only reads their
 ``DONE.json`` results and aggregates over seeds (mean and population std, ``np.std``). The schema
-is the one ``cpift_jax.report`` renders (README, "results schema").
+is the one ``cpift_jax.benchmark.report`` renders (README, "results schema").
 
 Normalisation (``NORMALIZATION``): per seed and task, ``(score - chance) / (expert - chance)``
 with the same seed's single-task expert, averaged over the tasks whose expert beats chance by at
@@ -12,7 +12,7 @@ least ``MIN_EXPERT_GAP``; a task whose expert is at chance carries no signal and
 
 from __future__ import annotations
 
-from cpift_jax.checkpoint import read_json
+from cpift_jax.training.checkpoints import read_json
 
 import numpy as np
 

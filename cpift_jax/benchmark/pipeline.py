@@ -1,6 +1,6 @@
 """The CPI-FT benchmark: the pipeline and its baselines chained through artifacts in a workdir.
 
-``run(config, workdir)`` runs these stages (``cpift_jax.workdir.Workdir``: a rerun skips every
+``run(config, workdir)`` runs these stages (``cpift_jax.benchmark.workdir.Workdir``: a rerun skips every
 completed stage, a workdir made with another config is refused naming the differing keys):
 
     base                       the base model (toy: cached pretraining; or SmolLM2), Orbax
@@ -10,17 +10,17 @@ completed stage, a workdir made with another config is refused naming the differ
     seed<s>/fusion             fused model (cores transplanted, the rest merged), Orbax
     seed<s>/cpift              pipeline SFT with earlier groups' cores frozen
     seed<s>/<baseline>         multitask_sft, multitask_sft_equal_steps, multistage_random,
-                               multistage_heuristic (budgets in ``cpift_jax.methods``)
-    seed<s>/forgetting         sequential A -> B (``cpift_jax.forgetting``)
+                               multistage_heuristic (budgets in ``cpift_jax.benchmark.methods``)
+    seed<s>/forgetting         sequential A -> B (``cpift_jax.benchmark.forgetting``)
     seed<s>/ablation_<name>    CPI-FT variants (``config.ablations``)
     seed<s>/merge_<name>       merge-only operators on the experts (``config.merge_only``)
     results                    ``results.json`` (schema in ``docs``/the README) + the report
 
 Every stage returns a JSON result stored in its ``DONE.json``; ``results`` aggregates them over
-seeds (mean and population std) and calls ``cpift_jax.report.write``.
+seeds (mean and population std) and calls ``cpift_jax.benchmark.report.write``.
 
-Config checks, labels and budgets: ``cpift_jax.pipeline_config``. Normalisation:
-``cpift_jax.aggregate.NORMALIZATION`` (per task (score - chance) / (expert -
+Config checks, labels and budgets: ``cpift_jax.benchmark.config_checks``. Normalisation:
+``cpift_jax.benchmark.aggregate.NORMALIZATION`` (per task (score - chance) / (expert -
 chance), averaged over the tasks whose expert beats chance by at least 0.05).
 """
 
@@ -36,14 +36,17 @@ import jax
 import numpy as np
 from absl import logging
 
-from cpift_jax import aggregate, checkpoint, clustering, merges, methods, models
-from cpift_jax import forgetting as forgetting_lib
+from cpift_jax import clustering, merges, models
+from cpift_jax.benchmark import aggregate
+from cpift_jax.training import checkpoints
+from cpift_jax.benchmark import methods
+from cpift_jax.benchmark import forgetting as forgetting_lib
 from cpift_jax import tree as tree_lib
 from cpift_jax.data import batching
 from cpift_jax.data import suite as suite_lib
-from cpift_jax.pipeline_config import (LABELS, MAIN_METHODS,  # noqa: F401
+from cpift_jax.benchmark.config_checks import (LABELS, MAIN_METHODS,  # noqa: F401
                                        ablation_variants, budgets, check_config)
-from cpift_jax.workdir import Workdir
+from cpift_jax.benchmark.workdir import Workdir
 
 __all__ = ["MAIN_METHODS", "LABELS", "check_config", "budgets", "ablation_variants", "run"]
 
@@ -67,7 +70,7 @@ def _build_base(config):
 
     m = config.model
     if m.backend == "toy":
-        from cpift_jax import pretrain
+        from cpift_jax.training import pretrain
         model_config, tokenizer = _toy_model(config)
         # One cache directory per settings: pretrain_base refuses a directory made otherwise.
         key = json.dumps([dataclasses.asdict(model_config), config.base.pretrain.to_dict(),
@@ -86,7 +89,7 @@ def _build_base(config):
 def _load_like(path, like):
     """Orbax params at ``path`` in the structure of ``like`` (matched by leaf path, so integer
     and string layer keys agree); ValueError naming the file and the first bad leaf."""
-    stored = checkpoint.load_params(path)
+    stored = checkpoints.load_params(path)
     s_paths, s_leaves, _ = tree_lib.flatten(stored)
     paths, leaves, treedef = tree_lib.flatten(like)
     by_path = dict(zip(s_paths, s_leaves))
@@ -120,7 +123,7 @@ class _Run:
 
             def stage(d):
                 mc, tok, params = _build_base(self.config)
-                checkpoint.save_params(d / "params", params)
+                checkpoints.save_params(d / "params", params)
                 holder["built"] = (mc, tok)
                 return {"num_params": tree_lib.num_params(params)}
 
@@ -171,7 +174,7 @@ class _Run:
     def cores(self, seed: int, tasks=None) -> list:
         """The cores stage's masks of ``tasks`` (default: every task), in that order."""
         like = self.base()[2]
-        return [checkpoint.load_masks(self.wd.path(f"seed{seed}/cores") / t, like)
+        return [checkpoints.load_masks(self.wd.path(f"seed{seed}/cores") / t, like)
                 for t in (self.tasks if tasks is None else tasks)]
 
     # -- per-seed stages
@@ -186,7 +189,7 @@ class _Run:
             for i, t in enumerate(self.tasks):
                 params = methods.train_on(ctx, ctx.base, {t: 1.0}, ctx.steps_per_task,
                                           stream=i, name=f"expert_{t}")
-                checkpoint.save_params(d / t, params)
+                checkpoints.save_params(d / t, params)
                 scores[t] = methods.evaluate(ctx, params)
             return {"scores": scores, "base": methods.evaluate(ctx, ctx.base)}
 
@@ -198,7 +201,7 @@ class _Run:
                 params = methods.train_on(ctx, ctx.base, dict(ctx.mixture), steps, stream=50,
                                           name="multitask")
                 if save:
-                    checkpoint.save_params(d / "params", params)
+                    checkpoints.save_params(d / "params", params)
                 return {"per_task": methods.evaluate(ctx, params)}
             return stage
 
@@ -278,7 +281,7 @@ class _Run:
             ctx = self.ctx(seed, d)
             masks_ = methods.core_masks(ctx.base, self.experts(seed), c.cpift)
             for t, m in zip(self.tasks, masks_):
-                checkpoint.save_masks(d / t, m)
+                checkpoints.save_masks(d / t, m)
             return {"density": {t: methods.core_density(m, num_layers)
                                 for t, m in zip(self.tasks, masks_)}}
 
@@ -294,7 +297,7 @@ class _Run:
             ctx = self.ctx(seed, d)
             fused, report = methods.fuse(self.backbone(seed), self.experts(seed), self.cores(seed),
                                          c.cpift)
-            checkpoint.save_params(d / "params", fused)
+            checkpoints.save_params(d / "params", fused)
             return {"per_task": methods.evaluate(ctx, fused), "report": report}
 
         wd.run(p + "fusion", fuse)
@@ -323,7 +326,7 @@ def _enable_compile_cache(path: str | None) -> None:
 
 def run(config, workdir) -> dict:
     """Runs (or resumes) every stage and returns the results dict written to
-    ``workdir/results.json``; then ``cpift_jax.report.write`` renders ``results.md`` and plots.
+    ``workdir/results.json``; then ``cpift_jax.benchmark.report.write`` renders ``results.md`` and plots.
     """
     check_config(config)
     _enable_compile_cache(config.compile_cache_dir)
@@ -340,14 +343,14 @@ def run(config, workdir) -> dict:
                                 budgets=budgets(config), ablations=ablations,
                                 forgetting_labels=forgetting_lib.LABELS)
         # Insertion order kept: the report lists methods in that order.
-        checkpoint.write_json(d / "results.json", out, sort_keys=False)
+        checkpoints.write_json(d / "results.json", out, sort_keys=False)
         return {"file": str(d / "results.json")}
 
     r.wd.run("results", results_stage)
-    results = checkpoint.read_json(r.wd.path("results") / "results.json")
+    results = checkpoints.read_json(r.wd.path("results") / "results.json")
     stages = aggregate.stage_seconds(r.wd)
     results["timings"] = {"total_s": float(sum(stages.values())), "stages": stages}
-    checkpoint.write_json(r.wd.root / "results.json", results, sort_keys=False)
-    from cpift_jax import report  # imported late: it pulls in plotting
+    checkpoints.write_json(r.wd.root / "results.json", results, sort_keys=False)
+    from cpift_jax.benchmark import report  # imported late: it pulls in plotting
     report.write(r.wd.root, results)
     return results

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
-from cpift_jax.io.direct_write import SequentialWriter
+from cpift_jax.streaming.direct_write import SequentialWriter
 
 __all__ = [
     "TensorSpec",

@@ -31,8 +31,8 @@ import jax
 import numpy as np
 
 from cpift_jax import clustering, fusion, masks, merges
-from cpift_jax import evaluate as evaluate_lib
-from cpift_jax import train as train_lib
+from cpift_jax.training import evaluate as evaluate_lib
+from cpift_jax.training import train as train_lib
 from cpift_jax.data import batching
 
 __all__ = ["Context", "evaluate", "train_on", "stage_weights", "multistage", "heuristic_groups",

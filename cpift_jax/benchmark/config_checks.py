@@ -1,6 +1,6 @@
 """The benchmark's method names, labels and budgets, and the checks of its config.
 
-Split out of ``cpift_jax.pipeline``: everything here reads the config only (see
+Split out of ``cpift_jax.benchmark.pipeline``: everything here reads the config only (see
 ``configs/toy.py`` for the fields); ``check_config`` fails before any work with a ValueError
 naming the config key.
 """
@@ -100,7 +100,7 @@ def _check_cpift(c, key: str, p: float | None = None) -> None:
 
 
 def budgets(config) -> dict[str, str]:
-    """Human-readable training budget of every method (``cpift_jax.methods`` docstring)."""
+    """Human-readable training budget of every method (``cpift_jax.benchmark.methods`` docstring)."""
     n, s, b = len(config.suite.tasks), config.train.steps_per_task, config.train.batch_size
     c = config.cpift.steps_per_task
     return {

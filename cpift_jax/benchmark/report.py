@@ -1,7 +1,7 @@
 """The results report of the CPI-FT benchmark: ``results.md`` and its plots from ``results.json``.
 
 ``render_markdown(results)`` is pure (dict -> str); ``write(workdir, results)`` also draws the
-plots (``cpift_jax.plots``) under ``workdir/plots/`` and links them; ``rerender(workdir)`` does
+plots (``cpift_jax.benchmark.plots``) under ``workdir/plots/`` and links them; ``rerender(workdir)`` does
 both from a workdir's ``results.json`` without rerunning anything.
 
 Sections, in order: the verdict (CPI-FT vs full multi-task SFT on the normalised average), the
@@ -11,7 +11,7 @@ reference), the ablation and merge-only blocks with the same columns, the forget
 like the paper's Table 2, core overlap and groups per seed, core density, and the set-up
 (normalisation, seeds, chance levels, timings, config). A section whose data is absent says
 "(not run)"; data that is present but malformed raises ``ValueError`` naming the method or key
-(``cpift_jax.report_schema``).
+(``cpift_jax.benchmark.report_schema``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cpift_jax.report_schema import (BLOCKS, MAIN_ORDER, check_results, core_fraction, is_number,
+from cpift_jax.benchmark.report_schema import (BLOCKS, MAIN_ORDER, check_results, core_fraction, is_number,
                                      ordered_methods, task_order)
 
 __all__ = ["MAIN_ORDER", "NOT_RUN", "RESULTS_FILE", "REPORT_FILE", "render_markdown", "write",
@@ -282,7 +282,7 @@ def _write_text(path: Path, text: str) -> None:
 
 def write(workdir: str | os.PathLike, results: dict) -> list[str]:
     """Writes ``results.md`` and ``plots/*.png`` into ``workdir``; returns the paths written."""
-    from cpift_jax import plots as plots_lib  # matplotlib only when drawing
+    from cpift_jax.benchmark import plots as plots_lib  # matplotlib only when drawing
 
     check_results(results)
     root = Path(workdir)

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from cpift_jax import methods
+from cpift_jax.benchmark import methods
 
 __all__ = ["LABELS", "run_seed"]
 

@@ -32,8 +32,8 @@ import numpy as np
 
 from cpift_jax import hparams as hparams_lib
 from cpift_jax import tree as tree_lib
-from cpift_jax.io.checkpoints import Checkpoint
-from cpift_jax.io.safetensors_io import TensorSpec
+from cpift_jax.streaming.checkpoint_io import Checkpoint
+from cpift_jax.streaming.safetensors_io import TensorSpec
 
 __all__ = [
     "VOCAB_PATTERN",

@@ -1,6 +1,6 @@
 """Checks of a benchmark ``results`` dict before it is reported, and small readers of it.
 
-The schema is the one ``cpift_jax.pipeline`` writes to ``results.json``::
+The schema is the one ``cpift_jax.benchmark.pipeline`` writes to ``results.json``::
 
     config: dict            timings: {total_s, stages: {stage: s}}     seeds: [int]
     tasks: [task]           chance: {task: float}                      normalization: str

@@ -12,18 +12,18 @@ Peak memory is about 2 x (number of models + 2) times the largest tensor, plus t
 float32 temporaries and a few written outputs per distinct tensor shape kept for reuse,
 whatever the model size: inputs are ``pread`` (nothing memory-mapped) into two reused sets of
 aligned host buffers (one merged, one read ahead) that XLA reads in place, results are computed
-into the buffers of earlier, already written results (``cpift_jax.io.host_buffers``: no page
+into the buffers of earlier, already written results (``cpift_jax.streaming.host_buffers``: no page
 faults after the first tensors), and shards are written as their tensors arrive
-(``cpift_jax.io.safetensors_io``), so not even one shard is held.
+(``cpift_jax.streaming.safetensors_io``), so not even one shard is held.
 
-Inputs: Hugging Face directories or Orbax parameter checkpoints (``cpift_jax.io.checkpoints``).
+Inputs: Hugging Face directories or Orbax parameter checkpoints (``cpift_jax.streaming.checkpoint_io``).
 Output: a Hugging Face directory with ``config.json`` (from the base, else the first model that
 has one; ``vocab_size`` and dtype updated), ``model-0000i-of-0000n.safetensors`` shards of at most
 ``max_shard_size`` plus ``model.safetensors.index.json``, the tokenizer files of the same
 checkpoint, and ``merge_config.json`` recording the recipe. Everything is written into
 ``<output>.tmp-XXXX`` next to ``output`` and renamed into place only when complete, so a failure
 leaves no output directory. Shards are written with ``O_DIRECT`` where the filesystem allows it
-(``direct_write``, ``cpift_jax.io.direct_write``).
+(``direct_write``, ``cpift_jax.streaming.direct_write``).
 
 Execution: ``"jit"`` compiles the operator once per (input shapes, dtypes, hyperparameters) and
 reuses it across tensors (layers share shapes). ``"eager"`` calls it op by op
@@ -61,10 +61,10 @@ import numpy as np
 from tqdm import tqdm
 
 from cpift_jax import merges
-from cpift_jax import streaming_plan as plan_lib
-from cpift_jax.io import checkpoints as ckpt_lib
-from cpift_jax.io import host_buffers
-from cpift_jax.io import safetensors_io as st
+from cpift_jax.streaming import plan as plan_lib
+from cpift_jax.streaming import checkpoint_io as ckpt_lib
+from cpift_jax.streaming import host_buffers
+from cpift_jax.streaming import safetensors_io as st
 
 __all__ = ["MergeResult", "TensorMerger", "merge_checkpoints", "merge_from_config", "EXECUTIONS"]
 
@@ -138,7 +138,7 @@ class TensorMerger:
     """Applies one operator tensor by tensor, compiling once per distinct call signature.
 
     Inputs are jax arrays (possibly zero-copy views of host buffers, see
-    ``cpift_jax.io.host_buffers``), so they are never donated; instead outputs handed back with
+    ``cpift_jax.streaming.host_buffers``), so they are never donated; instead outputs handed back with
     ``recycle`` once written are donated as the buffer of a later output of the same shape.
     """
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno
 import os
 
-from cpift_jax.io.host_buffers import aligned_empty
+from cpift_jax.streaming.host_buffers import aligned_empty
 
 __all__ = ["SequentialWriter", "BLOCK"]
 

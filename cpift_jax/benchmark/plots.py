@@ -1,4 +1,4 @@
-"""PNG plots of a benchmark ``results`` dict (schema: ``cpift_jax.report_schema``).
+"""PNG plots of a benchmark ``results`` dict (schema: ``cpift_jax.benchmark.report_schema``).
 
 Figures are built with ``matplotlib.figure.Figure`` and saved through the Agg canvas: no pyplot
 state, no display, safe to call from a headless job. Each function checks the section it draws
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cpift_jax.report_schema import check_results, core_fraction, ordered_methods, task_order
+from cpift_jax.benchmark.report_schema import check_results, core_fraction, ordered_methods, task_order
 
 __all__ = ["scores_by_method", "overlap_heatmap", "core_density"]
 

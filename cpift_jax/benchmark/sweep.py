@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from cpift_jax import pipeline
+from cpift_jax.benchmark import pipeline
 
 __all__ = ["parse_values", "with_knob", "sweep", "format_table"]
 

@@ -4,7 +4,7 @@
 
 - a Hugging Face directory: ``config.json`` and either ``model.safetensors`` or shards listed in
   ``model.safetensors.index.json`` (pickled ``.bin`` weights are refused: unpickling runs code);
-- an Orbax parameter checkpoint written by ``cpift_jax.checkpoint.save_params`` (detected by its
+- an Orbax parameter checkpoint written by ``cpift_jax.training.checkpoints.save_params`` (detected by its
   ``_CHECKPOINT_METADATA`` / ``_METADATA`` file). Its leaf paths are mapped to Hugging Face
   names with ``cpift_jax.models.hf.hf_name`` (``model/layers/0/mlp/up_proj/kernel`` ->
   ``model.layers.0.mlp.up_proj.weight``, kernels transposed); a flat dict whose keys already
@@ -27,7 +27,7 @@ from collections.abc import Iterable
 import jax
 import numpy as np
 
-from cpift_jax.io import safetensors_io as st
+from cpift_jax.streaming import safetensors_io as st
 
 __all__ = ["Checkpoint", "HFCheckpoint", "OrbaxCheckpoint", "open_checkpoint", "copy_side_files",
            "TOKENIZER_FILES", "SINGLE_FILE"]

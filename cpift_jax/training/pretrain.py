@@ -23,12 +23,12 @@ from absl import logging
 
 from cpift_jax import models
 from cpift_jax import optim
-from cpift_jax import train as train_lib
+from cpift_jax.training import train as train_lib
 from cpift_jax import tree as tree_lib
-from cpift_jax.checkpoint import read_json, write_json
+from cpift_jax.training.checkpoints import read_json, write_json
 from cpift_jax.data import batching, corpus
 from cpift_jax.data.tokenizer import Tokenizer
-from cpift_jax.workdir import config_diff
+from cpift_jax.benchmark.workdir import config_diff
 
 __all__ = ["default_config", "pretrain_base", "save_npz", "load_npz"]
 

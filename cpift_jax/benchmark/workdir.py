@@ -23,7 +23,7 @@ from typing import Any
 
 from absl import logging
 
-from cpift_jax.checkpoint import read_json, write_json
+from cpift_jax.training.checkpoints import read_json, write_json
 
 __all__ = ["Workdir", "config_diff"]
 
