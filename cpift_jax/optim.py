@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from cpift_jax import masks as masks_lib
 from cpift_jax import tree as tree_lib
 
 Pytree = Any
@@ -64,31 +65,6 @@ def _mask_by_path(mask: Pytree) -> dict[str, Any]:
     return {tree_lib.path_str(kp): leaf for kp, leaf in with_path}
 
 
-def _check_mask(params: Pytree, by_path: dict[str, Any]) -> None:
-    """ValueError naming the first leaf path where ``mask`` does not fit ``params``."""
-    paths, leaves, _ = tree_lib.flatten(params)
-    for path in sorted(set(paths) | set(by_path)):
-        if path not in by_path:
-            raise ValueError(f"leaf '{path}' is in params but missing from mask")
-        if path not in paths:
-            raise ValueError(f"leaf '{path}' is in mask but missing from params")
-    for path, leaf in zip(paths, leaves):
-        m = by_path[path]
-        if _is_static(m):
-            continue
-        if np.shape(m) != np.shape(leaf):
-            raise ValueError(
-                f"leaf '{path}': params has shape {tuple(np.shape(leaf))}, "
-                f"mask has shape {tuple(np.shape(m))}"
-            )
-        dtype = getattr(m, "dtype", None)
-        if dtype != np.bool_:
-            raise ValueError(
-                f"leaf '{path}': mask has dtype {dtype}, expected bool "
-                "(unpack bit-packed masks first)"
-            )
-
-
 def _frozen_update(update: jax.Array, frozen) -> jax.Array:
     # -0.0 is the additive identity for every float, including -0.0 itself.
     negative_zero = jnp.array(-0.0, dtype=update.dtype)
@@ -116,12 +92,9 @@ def freeze(mask: Pytree | None) -> optax.GradientTransformation:
     def init_fn(params):
         if mask is None:
             return FreezeState(mask=tuple(None for _ in jax.tree_util.tree_leaves(params)))
-        _check_mask(params, by_path)
-        entries = []
-        for path in tree_lib.leaf_paths(params):
-            m = by_path[path]
-            entries.append(None if _is_static(m) else jnp.asarray(m, dtype=jnp.bool_))
-        return FreezeState(mask=tuple(entries))
+        entries = masks_lib.check_mask(params, mask, whole_leaves=True)
+        return FreezeState(mask=tuple(None if _is_static(m) else jnp.asarray(m, dtype=jnp.bool_)
+                                      for m in entries))
 
     def update_fn(updates, state, params=None):
         del params

@@ -1,5 +1,5 @@
-"""Tests for cpift_jax.fusion.fuse: overlap rules, report counts, the non-core SLERP merge,
-other operators, the 1-D mesh path, donation and bad input."""
+"""Tests for cpift_jax.fusion: overlap rules, report counts, the non-core SLERP merge, other
+operators, the host kernel equal to the definition, the 1-D mesh path, donation and bad input."""
 
 import math
 
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import Mesh
 
-from cpift_jax import fusion, merges
+from cpift_jax import fusion, fusion_kernel, merges
 
 R2 = math.sqrt(0.5)
 T, F = True, False
@@ -252,19 +252,75 @@ def test_mesh_must_have_one_axis():
         fusion.fuse(backbone, tuned, cores, mesh="d")
 
 
-@pytest.mark.parametrize("granularity", ["leaf", "row"])
+def kernel_leaves(backbone, tuned, cores, **kw):
+    """``fusion_kernel.fuse_leaves`` on the leaves of a SLERP fusion with equal weights."""
+    keys = sorted(backbone)
+    steps = np.asarray([1.0 / i for i in range(2, len(tuned) + 1)], np.float32)
+    return fusion_kernel.fuse_leaves(
+        [backbone[k] for k in keys], [[t[k] for t in tuned] for k in keys],
+        [[c[k] for c in cores] for k in keys], [steps] * len(keys), rule="max_delta", slerp=True, **kw)
+
+
+@pytest.mark.parametrize("row_slerp", [False, True])
 @pytest.mark.parametrize("rows", [9, 7, 1])
-def test_pass_one_in_parallel_row_blocks_equals_one_block(monkeypatch, granularity, rows):
+def test_pass_one_in_parallel_row_blocks_equals_one_block(row_slerp, rows):
     """Big leaves' first pass runs as row blocks in threads; sums and counts must not change
     (odd row counts give a shorter last block; one row cannot be split)."""
     backbone, tuned, cores = random_case(11, [(rows, 8), (40,), (3, 2, 4)], n=3)
-    whole, whole_report = fusion.fuse(backbone, tuned, cores, granularity=granularity)
-    monkeypatch.setattr(fusion, "_BLOCK_MIN_ENTRIES", 1)
-    monkeypatch.setattr(fusion, "_STATS_THREADS", 3)
-    monkeypatch.setattr(fusion, "_STATS_POOL", fusion.concurrent.futures.ThreadPoolExecutor(3))
-    blocks, blocks_report = fusion.fuse(backbone, tuned, cores, granularity=granularity)
-    assert blocks_report == whole_report
-    assert_tree_close(blocks, whole, rtol=1e-6, atol=1e-7)
+    whole, whole_counts = kernel_leaves(backbone, tuned, cores, row_slerp=row_slerp, row_blocks=1)
+    blocks, block_counts = kernel_leaves(backbone, tuned, cores, row_slerp=row_slerp, row_blocks=3,
+                                         block_min_entries=1)
+    for a, b, x, y in zip(whole, blocks, whole_counts, block_counts):
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
+
+
+# -------------------------------------------------------------- the kernel equals the definition
+
+TASK_COUNTS = [1, 2, 3, pytest.param(4, marks=pytest.mark.slow)]
+BACKEND_SHAPES = [(6, 5), (), (9,)]
+
+
+@pytest.mark.parametrize("n", TASK_COUNTS)
+@pytest.mark.parametrize("rule", fusion.OVERLAP_RULES)
+def test_kernel_equals_definition_bit_for_bit_with_linear(rule, n):
+    """With an operator other than SLERP both backends apply the same float32 operations to
+    the same merged leaf: the results agree to the bit, and so do the reports."""
+    backbone, tuned, cores = random_case(20 + n, BACKEND_SHAPES, n=n, density=0.4)
+    weights = [float(i + 1) for i in range(n)]
+    kernel, k_report = fusion.fuse(backbone, tuned, cores, merge="linear", overlap=rule,
+                                   weights=weights, backend="kernel")
+    definition, d_report = fusion.fuse(backbone, tuned, cores, merge="linear", overlap=rule,
+                                       weights=weights, backend="definition")
+    assert k_report == d_report
+    for k in backbone:
+        np.testing.assert_array_equal(np.asarray(kernel[k]), np.asarray(definition[k]))
+
+
+@pytest.mark.parametrize("granularity", ["leaf", "row"])
+@pytest.mark.parametrize("n", TASK_COUNTS)
+@pytest.mark.parametrize("rule", fusion.OVERLAP_RULES)
+def test_kernel_equals_definition_with_slerp(rule, n, granularity):
+    """SLERP: the kernel folds in one pass from the Gram matrix, the definition step by step;
+    equal to float32 rounding on the merged entries, to the bit on the cores."""
+    backbone, tuned, cores = random_case(30 + n, BACKEND_SHAPES, n=n, density=0.4)
+    kernel, k_report = fusion.fuse(backbone, tuned, cores, overlap=rule, granularity=granularity,
+                                   backend="kernel")
+    definition, d_report = fusion.fuse(backbone, tuned, cores, overlap=rule, granularity=granularity,
+                                       backend="definition")
+    assert k_report == d_report
+    for k in backbone:
+        union = np.logical_or.reduce([c[k] for c in cores])
+        got, want = np.asarray(kernel[k]), np.asarray(definition[k])
+        np.testing.assert_array_equal(got[union], want[union])
+        np.testing.assert_allclose(got[~union], want[~union], rtol=1e-5, atol=1e-5)
+
+
+def test_definition_is_the_jittable_fuse_leafwise():
+    backbone, tuned, cores = random_case(40, [(6, 5), (7,)], n=3)
+    eager, _ = fusion.fuse(backbone, tuned, cores, overlap="mean", backend="definition")
+    jitted = jax.jit(lambda b, ts, cs: fusion.fuse_leafwise(b, ts, cs, overlap="mean"))(backbone, tuned, cores)
+    assert_tree_close(jitted, eager, rtol=1e-6, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------- donation
@@ -277,8 +333,7 @@ def test_donated_backbone_gives_the_same_result(use_mesh):
     expected, report = fusion.fuse(backbone, tuned, cores, mesh=mesh)
     donated = jax.tree.map(jnp.array, backbone)  # fresh device buffers we may give away
     if use_mesh:
-        from cpift_jax import fusion_layout
-        donated = {k: fusion_layout.place(v, mesh, fusion_layout.is_sharded(v.shape, mesh)) for k, v in donated.items()}
+        donated = {k: fusion_kernel.place(v, mesh, fusion_kernel.is_sharded(v.shape, mesh)) for k, v in donated.items()}
     fused, donated_report = fusion.fuse(donated, tuned, cores, mesh=mesh, donate_backbone=True)
     assert donated_report == report
     assert_tree_close(fused, expected, rtol=0, atol=0)
@@ -316,7 +371,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"leaf 'v' is in backbone but missing from core_masks\[1\]"):
         fusion.fuse(backbone, tuned, missing)
     not_bool = [cores[0], {"v": cores[1]["v"].astype(jnp.float32), "w": cores[1]["w"]}]
-    with pytest.raises(ValueError, match=r"core_masks\[1\] leaf 'v' must be bool, got float32"):
+    with pytest.raises(ValueError, match=r"leaf 'v': core_masks\[1\] has dtype float32, expected bool"):
         fusion.fuse(backbone, tuned, not_bool)
     with pytest.raises(ValueError, match=r"unknown merge operator 'slurp'; available.*linear.*slerp"):
         fusion.fuse(backbone, tuned, cores, merge="slurp")
@@ -334,19 +389,26 @@ def test_bad_input():
     ints = {"v": jnp.zeros(4, jnp.int32), "w": jnp.zeros((2, 3), jnp.int32)}
     with pytest.raises(ValueError, match="leaf 'v' has dtype int32; fuse needs floating leaves"):
         fusion.fuse(ints, [ints, ints], cores)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fusion.fuse(backbone, tuned, cores, backend="gpu")
+    with pytest.raises(ValueError, match="a mesh needs backend='kernel'"):
+        fusion.fuse(backbone, tuned, cores, backend="definition", mesh=mesh8())
 
 
 @settings(max_examples=10, deadline=None)
-@given(mask=hnp.arrays(np.bool_, (2, 3)))
-def test_mask_entries_decide_core_or_merge(mask):
-    # With one task, core entries are that task's values and the merge of one model is the
-    # model itself, so the fused leaf equals the task model whatever the mask.
+@given(mask=hnp.arrays(np.bool_, (2, 3)), backend=st.sampled_from(fusion.BACKENDS))
+def test_mask_entries_decide_core_or_merge(mask, backend):
+    # Task 0's core is ``mask``, task 1 has none: entries in the mask take task 0's value, the
+    # others the plain mean of both tasks (values exact in float32).
     backbone = {"w": jnp.zeros((2, 3))}
-    task = {"w": jnp.arange(6.0).reshape(2, 3) - 2.5}
-    fused, report = fusion.fuse(backbone, [task], [{"w": jnp.asarray(mask)}])
-    np.testing.assert_array_equal(fused["w"], task["w"])
-    assert report["core_union"] == int(mask.sum()) and report["transplanted"] == [int(mask.sum())]
-
+    x0, x1 = np.arange(6.0).reshape(2, 3) - 2.5, 4.0 * np.arange(6.0).reshape(2, 3) + 1.0
+    cores = [{"w": jnp.asarray(mask)}, {"w": jnp.zeros((2, 3), bool)}]
+    fused, report = fusion.fuse(backbone, [{"w": jnp.asarray(x0)}, {"w": jnp.asarray(x1)}], cores,
+                                merge="linear", backend=backend)
+    np.testing.assert_array_equal(fused["w"], np.where(mask, x0, (x0 + x1) / 2))
+    k = int(mask.sum())
+    assert report["core_union"] == k and report["merged_entries"] == 6 - k
+    assert report["transplanted"] == [k, 0] and report["pairwise_overlap"] == [[k, 0], [0, 0]]
 
 
 def test_cpi_operator_under_jit_with_only_the_models_traced():

@@ -14,33 +14,10 @@ import numpy as np
 import pytest
 
 from cpift_jax import merges
-from merge_trees import as64, check, f32, fine_tunes
+from merge_trees import as64, check, f32, fine_tunes, ref_fold, ref_slerp
 
 
 # ---------------------------------------------------------------- numpy references
-
-
-def slerp_ref(a, b, t, eps=1e-8, dot_threshold=0.9995):
-    """Two vectors: angle between the normalised copies, coefficients on the originals."""
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    ua = a / na if na > eps else a
-    ub = b / nb if nb > eps else b
-    cos = float(np.sum(ua * ub))
-    if abs(cos) > dot_threshold:
-        return (1 - t) * a + t * b
-    theta = math.acos(max(-1.0, min(1.0, cos)))
-    s = math.sin(theta)
-    return math.sin((1 - t) * theta) / s * a + math.sin(t * theta) / s * b
-
-
-def fold_ref(vectors, weights=None):
-    """acc_i = slerp(acc_{i-1}, m_i; w_i / (w_1 + ... + w_i)); equal weights give t_i = 1/i."""
-    w = [1.0] * len(vectors) if weights is None else list(weights)
-    acc = vectors[0]
-    for i in range(1, len(vectors)):
-        total = sum(w[: i + 1])
-        acc = slerp_ref(acc, vectors[i], w[i] / total if total else 0.0)
-    return acc
 
 
 def core_masks_ref(models64, base64, fraction):
@@ -67,7 +44,7 @@ def cpi_ref(models, base, fraction, overlap="max_delta"):
         union = np.logical_or.reduce(ms)
         merged = np.zeros_like(xs[0])
         # SLERP of the non-core entries alone (norms and angles over them only).
-        merged[~union] = fold_ref([x[~union] for x in xs])
+        merged[~union] = ref_fold([x[~union] for x in xs])
         for e in np.flatnonzero(union):
             holders = [i for i in range(len(xs)) if ms[i][e]]
             if overlap == "mean":
@@ -121,7 +98,7 @@ def test_slerp_two_models_with_per_leaf_t_matches_reference():
     t = {"a": 0.3, "b": [0.9], "c": 0.0}
     out = merges.get("slerp")(models, t=t)
     a, b = as64(models[0]), as64(models[1])
-    expected = [slerp_ref(x, y, tj) for x, y, tj in zip(a, b, [0.3, 0.9, 0.0])]
+    expected = [ref_slerp(x, y, tj) for x, y, tj in zip(a, b, [0.3, 0.9, 0.0])]
     check(out, expected)
 
 
@@ -130,15 +107,15 @@ def test_slerp_fold_of_three_matches_reference(weights):
     models, _ = fine_tunes(3)
     out = merges.get("slerp")(models, weights=weights)
     per_model = [as64(m) for m in models]
-    check(out, [fold_ref([m[j] for m in per_model], weights) for j in range(3)])
+    check(out, [ref_fold([m[j] for m in per_model], weights=weights) for j in range(3)])
 
 
 def test_slerp_rows_match_reference_row_by_row():
     models, _ = fine_tunes(2)
     out = merges.get("slerp")(models, t=0.4, granularity="row")
     a, b = as64(models[0]), as64(models[1])
-    expected = [np.stack([slerp_ref(r, s, 0.4) for r, s in zip(x, y)]) if x.ndim == 2
-                else slerp_ref(x, y, 0.4) for x, y in zip(a, b)]
+    expected = [np.stack([ref_slerp(r, s, 0.4) for r, s in zip(x, y)]) if x.ndim == 2
+                else ref_slerp(x, y, 0.4) for x, y in zip(a, b)]
     check(out, expected)
 
 

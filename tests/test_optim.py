@@ -88,10 +88,11 @@ def _train(params, mask, dtype, steps=50, learning_rate=1e-2, poison=True):
 
 
 def _params_and_mask(dtype):
-    key = jax.random.key(1)
-    w = jax.random.normal(key, (6, 8), dtype).at[0, 0].set(-0.0).at[1, 2].set(-0.0)
+    # NumPy draws: an eager jax.random call compiles a program per shape and dtype.
+    rng = np.random.default_rng(1)
+    w = jnp.asarray(rng.standard_normal((6, 8)), dtype).at[0, 0].set(-0.0).at[1, 2].set(-0.0)
     params = {"w": w, "b": jnp.arange(8, dtype=dtype) - 4, "norm": {"scale": jnp.ones(4, dtype)}}
-    frozen_w = np.array(jax.random.bernoulli(jax.random.key(2), 0.4, (6, 8)))
+    frozen_w = rng.random((6, 8)) < 0.4
     frozen_w[0, 0] = frozen_w[1, 2] = True  # the -0.0 entries with NaN / Inf gradients
     frozen_b = np.zeros(8, bool)
     frozen_b[[3, 5]] = True

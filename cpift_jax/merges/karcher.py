@@ -24,11 +24,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cpift_jax.merges import _sphere
+from cpift_jax import sphere
 from cpift_jax.merges import _task_vectors as tv
+from cpift_jax.merges._common import leaf_program
 
+REQUIRES_BASE = False
+MIN_MODELS = 1
+MAX_MODELS = None
 INTERPOLATION_ENDPOINTS = (({"weights": (1.0, 0.0)}, 0), ({"weights": (0.0, 1.0)}, 1))
 EXAMPLE_HPARAMS = {"max_iter": 5}
+
+
+# One compiled program per leaf shape (sphere.merge_leaves under jit); no donation: the
+# inputs are read again after the output is written.
+merge_leaf = leaf_program(sphere.merge_leaves, static_argnames=("max_iter", "tol", "granularity"),
+                          donate_argnums=())
 
 
 def merge(
@@ -46,11 +56,11 @@ def merge(
         raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
     if not tol >= 0:
         raise ValueError(f"tol must be >= 0, got {tol!r}")
-    tv.check_choice(granularity, "granularity", _sphere.GRANULARITIES)
-    w = _sphere.normalized_weights(weights, len(models), "karcher")
+    tv.check_choice(granularity, "granularity", sphere.GRANULARITIES)
+    w = tv.float32s(sphere.normalized_weights(weights, len(models), "karcher"))
     masks = tv.mask_leaves(mask, inputs)
     out = [
-        _sphere.merge_leaves(
+        merge_leaf(
             xs, b, w, max_iter=max_iter, tol=tol, mask=m, granularity=granularity
         )
         for xs, b, m in zip(inputs.models, inputs.base, masks)

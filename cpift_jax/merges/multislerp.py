@@ -25,10 +25,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cpift_jax.merges import _sphere
+from cpift_jax import sphere
 from cpift_jax.merges import _task_vectors as tv
+from cpift_jax.merges._common import leaf_program
 
+REQUIRES_BASE = False
+MIN_MODELS = 1
+MAX_MODELS = None
 INTERPOLATION_ENDPOINTS = (({"weights": (1.0, 0.0)}, 0), ({"weights": (0.0, 1.0)}, 1))
+
+
+# One compiled program per leaf shape (sphere.merge_leaves under jit); no donation: the
+# inputs are read again after the output is written.
+merge_leaf = leaf_program(sphere.merge_leaves, static_argnames=("max_iter", "tol", "granularity"),
+                          donate_argnums=())
 
 
 def merge(
@@ -40,11 +50,11 @@ def merge(
     granularity: str = "leaf",
 ):
     inputs = tv.flat_inputs(models, base, operator="multislerp")
-    tv.check_choice(granularity, "granularity", _sphere.GRANULARITIES)
-    w = _sphere.normalized_weights(weights, len(models), "multislerp")
+    tv.check_choice(granularity, "granularity", sphere.GRANULARITIES)
+    w = tv.float32s(sphere.normalized_weights(weights, len(models), "multislerp"))
     masks = tv.mask_leaves(mask, inputs)
     out = [
-        _sphere.merge_leaves(xs, b, w, mask=m, granularity=granularity)
+        merge_leaf(xs, b, w, mask=m, granularity=granularity)
         for xs, b, m in zip(inputs.models, inputs.base, masks)
     ]
     return inputs.unflatten(out)
