@@ -16,16 +16,15 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Hashable, Sequence
-from fractions import Fraction
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from cpift_jax import tree as tree_lib
-from cpift_jax.select import count_above_and_equal, threshold
+from cpift_jax.select import NonFiniteScores, TopK, count_for_fraction, selected, threshold
+from cpift_jax.select import top_k as select_top_k
 
 Pytree = Any
 
@@ -40,24 +39,19 @@ __all__ = [
     "density",
     "density_by",
     "density_by_group",
-    "layer_index",
     "pack",
     "unpack",
 ]
 
 SCOPES = ("global", "leaf")
-_INF_BITS = 0x7F800000
 
 
 # ------------------------------------------------------------------------------------ building
 
 
-def core_count(fraction: float, size: int) -> int:
-    """``floor(fraction * size)``, reading ``fraction`` as the decimal it prints as.
-
-    ``Fraction(repr(0.29)) * 100 = 29`` exactly, where ``0.29 * 100`` is 28.999999999999996.
-    """
-    return math.floor(Fraction(repr(float(fraction))) * size)
+# How many entries a fraction selects (floor, read as a decimal): the rule shared with the
+# merge operators' trimming.
+core_count = count_for_fraction
 
 
 def _patterns(arg: str, value) -> list[re.Pattern]:
@@ -90,51 +84,28 @@ def _eligible(paths: list[str], include, exclude) -> list[bool]:
     return flags
 
 
-@jax.jit
-def _abs_delta(base: jax.Array, tuned: jax.Array) -> jax.Array:
-    return jnp.abs(tuned.astype(jnp.float32) - base.astype(jnp.float32))
+def _leaf_core(base: jax.Array, tuned: jax.Array, value, last) -> jax.Array:
+    """The core mask of one leaf from its ``TopK`` cut, in one read of base and tuned."""
+    return selected(jnp.abs(tuned.astype(jnp.float32) - base.astype(jnp.float32)), value, last)
 
 
-def _check_finite(paths: list[str], deltas: list[jax.Array]) -> None:
-    """Eager only: a non-finite |delta| has a float32 bit pattern >= that of +inf."""
-    for path, d in zip(paths, deltas):
-        if isinstance(d, jax.core.Tracer) or d.size == 0:
-            continue
-        if np.asarray(d).view(np.uint32).max() >= _INF_BITS:
-            raise ValueError(f"core_mask: leaf '{path}': |tuned - base| has NaN or Inf entries")
+_leaf_core_jit = jax.jit(_leaf_core)
 
 
-def _take_ties(d: jax.Array, v: jax.Array, n_ties, allowed) -> jax.Array:
-    """``d > v`` plus the first ``allowed`` entries equal to ``v`` in row-major order."""
-    above, tied = d > v, d == v
-
-    def partial():  # only the one leaf where the tie cut falls pays for a cumsum
-        rank = jnp.cumsum(tied.reshape(-1), dtype=jnp.int32).reshape(d.shape)
-        return above | (tied & (rank <= allowed))
-
-    def whole():
-        return above | (tied & (allowed > 0))
-
-    return lax.cond((allowed > 0) & (allowed < n_ties), partial, whole)
+def _leaf_masks(top: TopK, pairs: list[tuple]) -> list[jax.Array]:
+    if top.masks is not None:
+        return list(top.masks)
+    return [_leaf_core_jit(b, t, *top.leaf_cut(j)) for j, (b, t) in enumerate(pairs)]
 
 
-@jax.jit
-def _select(deltas: list[jax.Array], v: jax.Array, k: jax.Array) -> list[jax.Array]:
-    """Exactly k entries: all above v, then ties at v earliest first (leaf order, row-major)."""
-    counts = [count_above_and_equal(d, v) for d in deltas]
-    need = k - sum(n_above for n_above, _ in counts)  # ties still to take
-    out, before = [], jnp.zeros((), jnp.int32)
-    for d, (_, n_ties) in zip(deltas, counts):
-        allowed = jnp.clip(need - before, 0, n_ties)
-        out.append(_take_ties(d, v, n_ties, allowed))
-        before = before + n_ties
-    return out
-
-
-def _top_k(deltas: list[jax.Array], k: int) -> list[jax.Array]:
-    if k == 0:
-        return [jnp.zeros(d.shape, bool) for d in deltas]
-    return _select(deltas, threshold(deltas, k), jnp.int32(k))
+def _top_k(paths: list[str], pairs: list[tuple], k: int) -> list[jax.Array]:
+    try:
+        top = select_top_k(pairs, k, finite=True)
+    except NonFiniteScores as err:
+        raise ValueError(
+            f"core_mask: leaf '{paths[err.leaf]}': |tuned - base| has NaN or Inf entries"
+        ) from None
+    return _leaf_masks(top, pairs)
 
 
 def core_mask(
@@ -190,13 +161,14 @@ def core_mask(
             raise ValueError(f"core_mask: leaf '{path}' has dtype {leaf.dtype}, expected float")
     eligible = _eligible(paths, include, exclude)
     index = [i for i, ok in enumerate(eligible) if ok]
-    deltas = [_abs_delta(base_leaves[i], tuned_leaves[i]) for i in index]
-    _check_finite([paths[i] for i in index], deltas)
+    pairs = [(base_leaves[i], tuned_leaves[i]) for i in index]
+    names = [paths[i] for i in index]
     if scope == "global":
-        total = sum(int(d.size) for d in deltas)
-        chosen = _top_k(deltas, core_count(fraction, total))
+        total = sum(int(np.size(b)) for b, _ in pairs)
+        chosen = _top_k(names, pairs, core_count(fraction, total))
     else:
-        chosen = [_top_k([d], core_count(fraction, int(d.size)))[0] for d in deltas]
+        chosen = [_top_k([name], [pair], core_count(fraction, int(np.size(pair[0]))))[0]
+                  for name, pair in zip(names, pairs)]
     out = [jnp.zeros(np.shape(leaf), bool) for leaf in base_leaves]
     for i, mask in zip(index, chosen):
         out[i] = mask
@@ -206,25 +178,48 @@ def core_mask(
 # ---------------------------------------------------------------------------------- inspecting
 
 
-def check_mask(params: Pytree, mask: Pytree, *, names: tuple[str, str] = ("params", "mask")):
-    """ValueError naming the first leaf where ``mask`` does not fit ``params`` or is not bool."""
-    tree_lib.check_same_shapes(params, mask, names=names)
-    for path, leaf in zip(*tree_lib.flatten(mask)[:2]):
-        dtype = getattr(leaf, "dtype", None)
-        if dtype != np.bool_:
-            raise ValueError(f"leaf '{path}': {names[1]} has dtype {dtype}, expected bool")
+def _whole_leaf(leaf) -> bool:
+    return leaf is None or isinstance(leaf, (bool, np.bool_))
+
+
+def check_mask(params: Pytree | None, mask: Pytree, *, names: tuple[str, str] = ("params", "mask"),
+               whole_leaves: bool = False) -> list:
+    """The leaves of ``mask`` in ``params``' flatten order, checked; the one mask validator.
+
+    Leaves are matched by leaf path (so a dict mask fits an ``nnx.State``); ``mask`` must hold
+    exactly ``params``' paths, and each leaf must have its parameter's shape and dtype bool.
+    ``whole_leaves=True`` also takes None or a Python bool for a whole leaf (returned as is).
+    ``params=None`` checks the dtypes alone. ValueError naming the first offending leaf path.
+    """
+    with_path, _ = jax.tree_util.tree_flatten_with_path(mask, is_leaf=_whole_leaf if whole_leaves else None)
+    by_path = {tree_lib.path_str(kp): leaf for kp, leaf in with_path}
+    if params is None:
+        paths, shapes = list(by_path), [None] * len(by_path)
+    else:
+        paths, p_leaves, _ = tree_lib.flatten(params)
+        shapes = [tuple(np.shape(x)) for x in p_leaves]
+        for path in sorted(set(paths) ^ set(by_path)):
+            where = names[::-1] if path in by_path else names
+            raise ValueError(f"leaf '{path}' is in {where[0]} but missing from {where[1]}")
+    out = []
+    for path, shape in zip(paths, shapes):
+        leaf = by_path[path]
+        if not (whole_leaves and _whole_leaf(leaf)):
+            if shape is not None and tuple(np.shape(leaf)) != shape:
+                raise ValueError(f"leaf '{path}': {names[0]} has shape {shape}, "
+                                 f"{names[1]} has shape {tuple(np.shape(leaf))}")
+            dtype = getattr(leaf, "dtype", None)
+            if dtype != np.bool_:
+                hint = " (a bit-packed mask? unpack it first)" if dtype == np.uint8 else ""
+                raise ValueError(f"leaf '{path}': {names[1]} has dtype {dtype}, expected bool{hint}")
+        out.append(leaf)
+    return out
 
 
 def _bool_leaves(mask: Pytree, name: str) -> tuple[list[str], list[np.ndarray]]:
-    paths, leaves, _ = tree_lib.flatten(mask)
-    arrays = []
-    for path, leaf in zip(paths, leaves):
-        if getattr(leaf, "dtype", None) != np.bool_:
-            raise ValueError(
-                f"leaf '{path}': {name} has dtype {getattr(leaf, 'dtype', None)}, expected bool"
-            )
-        arrays.append(np.asarray(leaf).reshape(-1))
-    return paths, arrays
+    """Leaf paths and flattened NumPy arrays of a bool pytree (dtypes checked by ``check_mask``)."""
+    leaves = check_mask(None, mask, names=(name, name))
+    return tree_lib.leaf_paths(mask), [np.asarray(leaf).reshape(-1) for leaf in leaves]
 
 
 def jaccard(mask_a: Pytree, mask_b: Pytree) -> float:
@@ -291,7 +286,8 @@ def density_by_group(mask: Pytree, key_fn: Callable[[str], Hashable]) -> dict:
     """Density per group of leaves: ``{key_fn(path): {"count", "size", "density"}}``.
 
     Every leaf lands in the group ``key_fn`` returns for its path (None is a group like any
-    other). Groups appear in order of first leaf. E.g. ``density_by_group(m, layer_index)``.
+    other). Groups appear in order of first leaf. E.g. ``density_by_group(m,
+    tree.layer_index)`` for per-layer densities.
     """
     paths, arrays = _bool_leaves(mask, "mask")
     groups: dict = {}
@@ -313,15 +309,6 @@ def density_by(mask: Pytree, rules: Sequence[tuple[str, Hashable]]) -> dict:
     rules = list(rules)
     tree_lib.resolve_rules(mask, rules)  # checks the regexes and that every leaf is covered
     return density_by_group(mask, lambda path: tree_lib.match_rule(path, rules))
-
-
-_LAYER = re.compile(r"(?:^|/)(?:layers|blocks|h)(?:/|_)(\d+)(?:/|$)")
-
-
-def layer_index(path: str) -> int | None:
-    """Layer number in paths like ``"layers/3/mlp/up_proj/kernel"`` (or ``layers_3``); else None."""
-    match = _LAYER.search(path)
-    return int(match.group(1)) if match else None
 
 
 # ------------------------------------------------------------------------------------- storage

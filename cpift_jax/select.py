@@ -1,27 +1,22 @@
-"""Exact k-th largest value over a pytree of non-negative scores, by counting passes (no sort).
+"""Exact k-th largest value and exact top-k over pytrees of non-negative scores (no sort).
 
 For non-negative float32 values the uint32 bit pattern is monotone in the value, so "the k-th
-largest value" is "the k-th largest bit pattern", and ``count(bits >= c)`` for a candidate
-pattern ``c`` says on which side of the answer ``c`` lies. Both back ends below are exact and
-return the same bits; neither sorts, partitions or top-k's the whole input.
+largest value" v is "the k-th largest bit pattern", and ``count(bits >= c)`` for a candidate
+pattern ``c`` says on which side of v it lies: v is the largest c with ``count(>= c) >= k``,
+so ``count(> v) < k <= count(>= v)``. Two exact back ends return the same bits; neither sorts,
+partitions or top-k's the whole input:
 
-* ``host`` (eager calls with arrays on the CPU): a strided sample of about 131k entries puts a
-  bracket ``[lo, hi)`` around rank k; one streaming pass in 256k-entry chunks counts the entries
-  ``>= hi`` and copies out the few entries inside the bracket; the answer is picked among those.
-  The counts verify the bracket, so a misleading sample costs speed, never exactness: further
-  passes narrow ``[lo, hi)`` with 16-way bisection until it is small enough to copy out.
-  For ``k <= D/64`` the bracket is one-sided (``[lo, inf)``): one compare and one compress
-  per entry. Each pass runs in up to one thread per core over contiguous runs of chunks of
-  about equal entry counts, at least 4M entries each (NumPy releases the GIL).
-  Measured on the 2-core dev CPU: about 3x faster than ``np.partition`` on 100M scores (see
-  ``experiments/bench_fusion.py``); XLA's CPU back end has no cheap stream compaction,
-  which is why this path is NumPy.
-* ``xla`` (under ``jit``, inside ``shard_map``, on accelerators): radix select on two 16-bit
-  digits. Pass 1 histograms the high 16 bits, pass 2 the low 16 bits of the entries whose high
-  digit matched; scatter-adds run over 64k-entry chunks in a ``fori_loop`` so no leaf-sized
-  temporary is written. With ``axis_name`` each histogram is ``psum``-ed, so a model sharded
-  over a 1-D mesh is ranked globally. On CPU this is slower than ``np.partition`` (XLA CPU
-  scatter costs ~1 ns per entry); it exists for jit-compatibility and sharding.
+* ``host`` (``cpift_jax.select_host``; eager calls with arrays on the CPU): a strided sample
+  brackets rank k, one streaming NumPy pass counts and copies out the entries inside the
+  bracket; a misleading sample costs further passes, never exactness. ``HostPasses`` sets
+  its sizes. Measured on the 2-core dev CPU: about 3x faster than ``np.partition`` on 100M
+  scores (``experiments/bench_fusion.py``).
+* ``xla`` (``cpift_jax.select_xla``; under ``jit``, inside ``shard_map``, on accelerators):
+  radix select on two 16-bit digits, chunked, with ``psum``-ed histograms over ``axis_name``.
+
+Top-k rule (``top_k``, the one rule of every top-p selection): exactly k entries, all above v,
+then the entries equal to v earliest first (leaf order, then row-major); ``count_for_fraction``
+says how many entries a fraction selects.
 
 -0.0 counts as 0. NaN or negative scores are rejected (ValueError naming the leaf) on the host
 path; on the xla path they make the result NaN (no exception can be raised under ``jit``).
@@ -29,7 +24,9 @@ path; on the xla path they make the result NaN (no exception can be raised under
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from fractions import Fraction
 from typing import Any
 
 import jax
@@ -37,281 +34,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cpift_jax import host
+from cpift_jax import select_host, select_xla
 from cpift_jax import tree as tree_lib
+from cpift_jax.select_host import FINITE_BITS, INF_BITS, HostPasses
+from cpift_jax.select_xla import count_above_and_equal
 
 Pytree = Any
 
-__all__ = ["threshold", "count_above_and_equal", "METHODS"]
+__all__ = ["threshold", "count_for_fraction", "top_k", "TopK", "selected", "count_above_and_equal",
+           "NonFiniteScores", "HostPasses", "METHODS"]
 
 METHODS = ("auto", "host", "xla")
-
-INF_BITS = 0x7F800000  # bit pattern of +inf; every valid non-negative score is <= this
-_NEG_ZERO = 0x80000000
-_HOST_CHUNK = 1 << 18  # entries per NumPy step: chunk and masks stay in cache, calls stay few
-_CHUNK = 1 << 16  # entries per fori_loop step on the xla path
-_SMALL = 1 << 16  # inputs up to this size are selected directly
-_SAMPLE = 1 << 17  # target size of the strided sample
-_Z = 4.0  # bracket half-width in standard deviations of the sample rank
-_WAYS = 16  # fallback bisection: cuts per pass + 1
-_EXTRACT_MAX = 1 << 22  # entries a bracket may hold to be copied out (16 MiB)
-# Counting passes run in this many threads, each over at least _THREAD_MIN_ENTRIES entries.
-_PASS_THREADS = host.usable_cpus()
-_THREAD_MIN_ENTRIES = 1 << 22
-_PASS_POOL = host.thread_pool()
-
-
-# ----------------------------------------------------------------------------------- host path
-
-
-def _np_bits(x: np.ndarray) -> np.ndarray:
-    """uint32 patterns of ``x`` compared in float32 (a view for float32 input)."""
-    if x.dtype != np.float32:
-        x = x.astype(np.float32)
-    return x.view(np.uint32)
-
-
-def _kth_largest(bits: np.ndarray, j: int) -> int:
-    """j-th largest (1-based) of a small array of patterns."""
-    pos = bits.size - j
-    return int(np.partition(bits, pos)[pos])
-
-
-def _prime_at_least(n: int) -> int:
-    n = max(2, n)
-    while any(n % p == 0 for p in range(2, math.isqrt(n) + 1)):
-        n += 1
-    return n
-
-
-def _sample(flats: list[np.ndarray], total: int) -> tuple[np.ndarray, int]:
-    """Every stride-th entry in flatten order; a prime stride does not alias with row lengths."""
-    stride = 1 if total <= _SAMPLE else _prime_at_least(total // _SAMPLE)
-    parts, offset = [], 0
-    for flat in flats:
-        start = (-offset) % stride
-        if start < flat.size:
-            parts.append(_np_bits(flat[start::stride]))
-        offset += flat.size
-    sample = np.concatenate(parts)
-    sample[sample == _NEG_ZERO] = 0
-    return sample, stride
-
-
-def _count_chunks(chunks, cuts, extract, cap):
-    """``_count_pass`` over ``chunks`` (1-D arrays): ``(counts, pieces or None, ok)``."""
-    a, b = extract if extract is not None else (None, None)
-    # A top-open copy holds every pattern above +inf, so checking the copy replaces a per-chunk
-    # max, and its length replaces a count: one compare and one compress per entry.
-    top_open = extract is not None and b is None
-    counts = [0] * len(cuts)
-    buffers = [np.empty(_HOST_CHUNK, bool) for _ in cuts]
-    pieces, n_values = [], 0
-    for chunk in chunks:
-        bits = _np_bits(chunk)
-        if not top_open and bits.max() > INF_BITS:
-            return counts, None, False
-        masks = [buf[: bits.size] for buf in buffers]
-        for i, (cut, mask) in enumerate(zip(cuts, masks)):
-            np.greater_equal(bits, cut, out=mask)
-            if i != a or not top_open:
-                counts[i] += np.count_nonzero(mask)
-        if extract is None:
-            continue
-        inside = masks[a]
-        if b is not None:
-            np.not_equal(inside, masks[b], out=inside)  # >= lo and not >= hi
-        values = np.compress(inside, bits)
-        if top_open:
-            counts[a] += values.size
-            if values.size and values.max() > INF_BITS:
-                return counts, None, False
-        n_values += values.size
-        pieces.append(values)
-        if n_values > cap:  # the sample misled: keep counting, stop copying
-            extract, top_open, pieces = None, False, None
-    return counts, pieces, True
-
-
-def _count_pass(flats, cuts, extract, cap):
-    """One streaming pass over all entries, chunk by chunk, in ``_PASS_THREADS`` threads
-    (NumPy's compares and compresses release the GIL) over contiguous runs of chunks.
-
-    Returns ``(counts, values, ok)``: ``counts[i] = #(bits >= cuts[i])``; ``values`` the
-    patterns in ``[cuts[a], cuts[b])`` for ``extract = (a, b)`` (``b`` None: no upper end), or
-    None when more than ``cap`` of them turned up; ``ok`` False when some pattern lies above
-    +inf (NaN, negative, -0.0), in which case the counts are meaningless.
-    """
-    chunks = [flat[start : start + _HOST_CHUNK] for flat in flats
-              for start in range(0, flat.size, _HOST_CHUNK)]
-    total = sum(c.size for c in chunks)
-    threads = max(1, min(_PASS_THREADS, total // _THREAD_MIN_ENTRIES))
-    # Run i takes the chunks that start in the i-th of ``threads`` equal shares of the entries.
-    starts = np.cumsum([0] + [c.size for c in chunks[:-1]])
-    owner = np.minimum(starts * threads // max(total, 1), threads - 1)
-    runs = [[c for c, o in zip(chunks, owner) if o == i] for i in range(threads)]
-    if threads == 1:
-        results = [_count_chunks(runs[0], cuts, extract, cap)]
-    else:
-        results = list(_PASS_POOL.map(lambda run: _count_chunks(run, cuts, extract, cap), runs))
-    counts = [sum(r[0][i] for r in results) for i in range(len(cuts))]
-    if not all(ok for _, _, ok in results):
-        return counts, None, False
-    values = None
-    if extract is not None and all(pieces is not None for _, pieces, _ in results):
-        pieces = [p for _, run_pieces, _ in results for p in run_pieces]
-        values = np.concatenate(pieces) if pieces else np.empty(0, np.uint32)
-        if values.size > cap:
-            values = None
-    return counts, values, True
-
-
-def _first_guess(sample: np.ndarray, stride: int, total: int, k: int):
-    """Cuts around rank k read off the sample, with a 4-sigma margin on the sample rank."""
-    s = sample.size
-    rank = k * s / total  # expected rank of the answer among the sample, from the top
-    margin = _Z * math.sqrt(rank * max(0.0, 1.0 - rank / s)) + 3.0
-    r_hi, r_lo = math.floor(rank - margin), math.ceil(rank + margin)
-    wanted = sorted({s - r for r in (r_hi, r_lo) if 1 <= r <= s})
-    part = np.partition(sample, wanted) if wanted else sample
-    lo = int(part[s - r_lo]) if r_lo <= s else 0
-    if r_hi < 1 or k <= total // 64:  # one-sided: copy out everything >= lo
-        return [lo], (0, None), 2 * r_lo * stride + 4096
-    hi = int(part[s - r_hi]) + 1
-    if hi - lo == 1:  # the bracket holds one value (ties): counts alone decide
-        return [lo, hi], None, 0
-    return [lo, hi], (0, 1), 2 * (r_lo - r_hi) * stride + 4096
-
-
-def _host_kth_bits(flats: list[np.ndarray], k: int, total: int) -> int | None:
-    """Pattern of the k-th largest; None when an entry is above +inf (caller cleans up)."""
-    if total <= _SMALL:
-        bits = np.concatenate([_np_bits(f) for f in flats])
-        return None if bits.max() > INF_BITS else _kth_largest(bits, k)
-    # Invariant: count(>= lo) = n_lo >= k > n_hi = count(>= hi); hi = INF_BITS + 1 means none.
-    lo, n_lo, hi, n_hi = 0, total, INF_BITS + 1, 0
-    cuts, extract, cap = _first_guess(*_sample(flats, total), total, k)
-    while True:
-        counts, values, ok = _count_pass(flats, cuts, extract, cap)
-        if not ok:
-            return None
-        for cut, n in zip(cuts, counts):
-            if n >= k and cut >= lo:
-                lo, n_lo = cut, n
-            elif n < k and cut <= hi:
-                hi, n_hi = cut, n
-        if values is not None:
-            a, b = extract
-            if cuts[a] == lo and (hi if b is None else cuts[b]) == hi:
-                return _kth_largest(values, k - n_hi)
-        if hi - lo == 1:
-            return lo
-        if n_lo - n_hi <= _EXTRACT_MAX:  # small enough: copy the bracket out
-            if hi > INF_BITS:
-                cuts, extract = [lo], (0, None)
-            else:
-                cuts, extract = [lo, hi], (0, 1)
-            cap = n_lo - n_hi
-        else:  # the sample misled: 16-way bisection of [lo, hi)
-            cuts = sorted({lo + (hi - lo) * i // _WAYS for i in range(1, _WAYS)} - {lo})
-            extract, cap = None, 0
-
-
-def _clean(path: str, flat: np.ndarray) -> np.ndarray:
-    """Maps -0.0 to 0; raises on NaN or negative entries."""
-    if flat.size == 0 or _np_bits(flat).max() <= INF_BITS:
-        return flat
-    if np.isnan(flat).any() or (flat < 0).any():
-        raise ValueError(
-            f"threshold: scores leaf '{path}' holds NaN or negative entries; "
-            "scores must be non-negative"
-        )
-    return np.where(flat == 0, np.zeros((), flat.dtype), flat)
-
-
-def _host_threshold(paths, leaves, k: int, total: int) -> jax.Array:
-    flats = [np.asarray(x).reshape(-1) for x in leaves]  # zero-copy for CPU jax arrays
-    bits = _host_kth_bits(flats, k, total)
-    if bits is None:
-        flats = [_clean(p, f) for p, f in zip(paths, flats)]
-        bits = _host_kth_bits(flats, k, total)
-    return jnp.asarray(np.uint32(bits).view(np.float32))
-
-
-# ------------------------------------------------------------------------------------ xla path
-
-
-def _jnp_bits(x: jax.Array) -> jax.Array:
-    """uint32 patterns in float32, -0.0 mapped to +0.0."""
-    bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
-    return jnp.where(bits == jnp.uint32(_NEG_ZERO), jnp.uint32(0), bits)
-
-
-def _fold_chunks(x: jax.Array, step, init):
-    """``step(acc, float32_chunk)`` over the flattened leaf in ``_CHUNK``-entry slices.
-
-    A ``fori_loop`` over slices keeps every temporary chunk-sized; a whole-leaf expression
-    would make XLA write a leaf-sized intermediate (page faults cost more than the work).
-    """
-    flat, f32 = x.reshape(-1), jnp.float32
-    n_full = flat.size // _CHUNK
-    acc = init
-    if n_full:
-        acc = lax.fori_loop(
-            0,
-            n_full,
-            lambda i, a: step(a, lax.dynamic_slice(flat, (i * _CHUNK,), (_CHUNK,)).astype(f32)),
-            acc,
-        )
-    if flat.size % _CHUNK:
-        acc = step(acc, flat[n_full * _CHUNK :].astype(f32))
-    return acc
-
-
-def _high_digit(bits: jax.Array) -> jax.Array:
-    # Patterns above +inf (NaN, negatives) go to digit 0xFFFF, which no valid score has.
-    return jnp.where(bits > jnp.uint32(INF_BITS), 0xFFFF, bits >> 16).astype(jnp.int32)
-
-
-def _pick_digit(hist: jax.Array, k) -> tuple[jax.Array, jax.Array]:
-    """Largest digit d with count(digit >= d) >= k, and k's rank within that digit."""
-    at_least = jnp.cumsum(hist[::-1])[::-1]
-    digit = jnp.sum(at_least >= k) - 1
-    return digit, k - (at_least[digit] - hist[digit])
-
-
-def _xla_threshold(leaves: list[jax.Array], k: int, axis_name) -> jax.Array:
-    def reduce(hist):
-        return hist if axis_name is None else lax.psum(hist, axis_name)
-
-    def high_step(hist, chunk):
-        return hist.at[_high_digit(_jnp_bits(chunk))].add(1)
-
-    hist = jnp.zeros(1 << 16, jnp.int32)
-    for leaf in leaves:
-        hist = _fold_chunks(leaf, high_step, hist)
-    hist = reduce(hist)
-    invalid = hist[0xFFFF] > 0
-    high, k_low = _pick_digit(hist, k)
-
-    def low_step(hist, chunk):
-        bits = _jnp_bits(chunk)
-        idx = jnp.where(_high_digit(bits) == high, (bits & 0xFFFF).astype(jnp.int32), 1 << 16)
-        return hist.at[idx].add(1, mode="drop")
-
-    hist = jnp.zeros(1 << 16, jnp.int32)
-    for leaf in leaves:
-        hist = _fold_chunks(leaf, low_step, hist)
-    low, _ = _pick_digit(reduce(hist), k_low)
-    bits = (high.astype(jnp.uint32) << 16) | low.astype(jnp.uint32)
-    value = lax.bitcast_convert_type(bits, jnp.float32)
-    return jnp.where(invalid, jnp.float32(jnp.nan), value)
-
-
-_xla_threshold_jit = jax.jit(_xla_threshold, static_argnums=(1, 2))
-
-
-# --------------------------------------------------------------------------------- public API
 
 
 def _on_host(leaves) -> bool:
@@ -323,7 +56,17 @@ def _on_host(leaves) -> bool:
     return True
 
 
-def threshold(scores: Pytree, k: int, *, method: str = "auto", axis_name=None) -> jax.Array:
+def _host_passes(caller: str, host_passes) -> HostPasses:
+    if host_passes is None:
+        return select_host.DEFAULT_PASSES
+    if not isinstance(host_passes, HostPasses):
+        raise ValueError(f"{caller}: host_passes must be a select.HostPasses or None, "
+                         f"got {type(host_passes).__name__}")
+    return host_passes
+
+
+def threshold(scores: Pytree, k: int, *, method: str = "auto", axis_name=None,
+              host_passes: HostPasses | None = None) -> jax.Array:
     """The k-th largest value v over all entries of all leaves of ``scores``.
 
     ``count(scores > v) < k <= count(scores >= v)``, compared in float32 whatever the leaf
@@ -335,12 +78,15 @@ def threshold(scores: Pytree, k: int, *, method: str = "auto", axis_name=None) -
       method: "auto" (host path for concrete CPU arrays, else xla), "host" or "xla".
       axis_name: inside ``shard_map``, the mesh axis over which ``scores`` are sharded: the
         histograms are ``psum``-ed and k counts over all shards (not range-checked then).
+      host_passes: sizes of the host path's passes (None: ``HostPasses()``); the result does
+        not depend on them.
 
     Returns:
       float32 scalar. On the xla path NaN if any score is NaN or negative.
     """
     if method not in METHODS:
         raise ValueError(f"threshold: method must be one of {METHODS}, got {method!r}")
+    passes = _host_passes("threshold", host_passes)
     paths, leaves, _ = tree_lib.flatten(scores)
     if not leaves:
         raise ValueError("threshold: scores has no leaves")
@@ -359,24 +105,154 @@ def threshold(scores: Pytree, k: int, *, method: str = "auto", axis_name=None) -
     if method == "host":
         if axis_name is not None or not _on_host(leaves):
             raise ValueError("threshold: method='host' needs concrete CPU arrays and no axis_name")
-        return _host_threshold(paths, leaves, k, total)
+        return jnp.asarray(select_host.host_threshold(paths, leaves, k, passes))
     if total >= 2**31:
         raise ValueError(f"threshold: the xla path counts in int32; {total} scores is too many")
-    return _xla_threshold_jit(list(leaves), k, axis_name)
+    return select_xla.kth_largest_jit(list(leaves), k, axis_name)
 
 
-def count_above_and_equal(x: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(count(x > v), count(x == v))`` as int32, compared in float32 (NaN matches nothing).
+# ------------------------------------------------------------------------------ exact top-k
 
-    Chunked like the xla path, so no leaf-sized temporary is written; jit-friendly.
+
+def count_for_fraction(fraction: float, size: int) -> int:
+    """How many of ``size`` entries a ``fraction`` selects: ``floor(fraction * size)``, reading
+    ``fraction`` as the decimal it prints as. The one count rule of every top-p selection
+    (core masks, TIES / breadcrumbs / stitch trimming).
+
+    ``Fraction(repr(0.29)) * 100 = 29`` exactly, where ``0.29 * 100`` is 28.999999999999996.
+    Floor as in the paper's "top p%" and mergekit's ``int(density * numel)``; unlike mergekit
+    a small positive fraction of a small leaf may select nothing (mergekit keeps at least one).
     """
-    v = jnp.asarray(v, jnp.float32)
+    return min(size, max(0, math.floor(Fraction(repr(float(fraction))) * size)))
 
-    def step(acc, chunk):
-        return (
-            acc[0] + jnp.sum(chunk > v, dtype=jnp.int32),
-            acc[1] + jnp.sum(chunk == v, dtype=jnp.int32),
-        )
 
-    zero = jnp.zeros((), jnp.int32)
-    return _fold_chunks(x, step, (zero, zero))
+@dataclasses.dataclass(frozen=True)
+class TopK:
+    """Exactly k entries of a list of score leaves.
+
+    Host form (``masks is None``): leaf j selects ``score > value``, plus the entries equal to
+    ``value`` at flat (row-major) index ``<= last[j]`` -- a compare against an index that
+    callers fuse into their own programs; ``value`` NaN selects nothing. Traced or accelerator
+    inputs get ``masks``, one bool array per leaf, instead.
+    """
+
+    value: jax.Array
+    last: list[int] | None = None
+    masks: list | None = None
+
+    def leaf_cut(self, j: int) -> tuple:
+        """(value, last tie index) of leaf j, for ``selected``."""
+        return self.value, (self.last[j] if self.last is not None else -1)
+
+    def leaf_mask(self, j: int, score: jax.Array) -> jax.Array:
+        return self.masks[j] if self.masks is not None else selected(score, *self.leaf_cut(j))
+
+
+def selected(score: jax.Array, value, last) -> jax.Array:
+    """``score > value``, or ``== value`` at a flat index ``<= last`` (jittable, fusible)."""
+    index = lax.iota(jnp.int32, max(1, score.size))[: score.size].reshape(score.shape)
+    return (score > value) | ((score == value) & (index <= last))
+
+
+def _take_ties(d: jax.Array, v: jax.Array, n_ties, allowed) -> jax.Array:
+    """``d > v`` plus the first ``allowed`` entries equal to ``v`` in row-major order."""
+    above, tied = d > v, d == v
+
+    def partial():  # only the one leaf where the tie cut falls pays for a cumsum
+        rank = jnp.cumsum(tied.reshape(-1), dtype=jnp.int32).reshape(d.shape)
+        return above | (tied & (rank <= allowed))
+
+    def whole():
+        return above | (tied & (allowed > 0))
+
+    return lax.cond((allowed > 0) & (allowed < n_ties), partial, whole)
+
+
+def _select(scores: list[jax.Array], v: jax.Array, k: jax.Array) -> list[jax.Array]:
+    """Exactly k entries: all above v, then ties at v earliest first (leaf order, row-major)."""
+    counts = [count_above_and_equal(d, v) for d in scores]
+    need = k - sum(n_above for n_above, _ in counts)  # ties still to take
+    out, before = [], jnp.zeros((), jnp.int32)
+    for d, (_, n_ties) in zip(scores, counts):
+        allowed = jnp.clip(need - before, 0, n_ties)
+        out.append(_take_ties(d, v, n_ties, allowed))
+        before = before + n_ties
+    return out
+
+
+_select_jit = jax.jit(_select)
+
+
+@jax.jit
+def _abs_difference(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.abs(b.astype(jnp.float32) - a.astype(jnp.float32))
+
+
+def _score(leaf) -> jax.Array:
+    """A leaf of ``top_k`` as a float32 score array (materialised: the slow paths only)."""
+    if isinstance(leaf, tuple):
+        a, b = leaf
+        return _abs_difference(a, b) if not _traced(leaf) else jnp.abs(
+            jnp.asarray(b, jnp.float32) - jnp.asarray(a, jnp.float32))
+    return jnp.asarray(leaf, jnp.float32)
+
+
+def _traced(leaves) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(leaves))
+
+
+class NonFiniteScores(ValueError):
+    """``top_k(..., finite=True)`` met NaN or Inf; ``leaf`` is the index of the first such leaf."""
+
+    def __init__(self, leaf: int):
+        super().__init__(f"scores leaf {leaf} holds NaN or Inf entries")
+        self.leaf = leaf
+
+
+def top_k(leaves: list, k: int, *, finite: bool = False,
+          host_passes: HostPasses | None = None) -> TopK:
+    """The k largest entries over ``leaves`` (ties at the k-th value: earliest first, in leaf
+    order then row-major), as a ``TopK``.
+
+    Each leaf is an array of non-negative scores or a pair ``(a, b)`` standing for
+    ``|b - a|`` in float32. For concrete CPU arrays the pairs are never materialised: the
+    counting passes (sized by ``host_passes``, None: ``HostPasses()``) compute differences
+    chunk by chunk, and the result is a threshold and a tie index per leaf that the caller
+    compares inside its own program (``selected``). Traced or accelerator inputs take the
+    jittable radix select and get explicit masks. ``finite=True`` raises ``NonFiniteScores``
+    (eager only) when a score is NaN or Inf; otherwise NaN or negative scores are rejected as
+    by ``threshold``.
+    """
+    passes = _host_passes("top_k", host_passes)
+    sizes = [int(np.size(x[0] if isinstance(x, tuple) else x)) for x in leaves]
+    total = sum(sizes)
+    if k <= 0:
+        return TopK(np.float32(np.nan), [-1] * len(leaves))
+    flat_arrays = jax.tree.leaves(leaves)
+    if not _traced(flat_arrays) and _on_host(flat_arrays):
+        sources = [tuple(np.asarray(p).reshape(-1) for p in (x if isinstance(x, tuple) else (x,)))
+                   for x in leaves]
+        k = min(k, total)
+        found = select_host.kth_largest(sources, k, passes=passes,
+                                        limit=FINITE_BITS if finite else INF_BITS)
+        if found is None:
+            if finite:
+                for j, source in enumerate(sources):
+                    if source[0].size and select_host.source_bits(source).max() > FINITE_BITS:
+                        raise NonFiniteScores(j)
+            sources = [(select_host.clean(f"#{j}", s[0]),) if len(s) == 1 else s
+                       for j, s in enumerate(sources)]
+            found = select_host.kth_largest(sources, k, passes=passes)
+            if found is None:
+                raise ValueError("top_k: scores hold NaN entries")
+        value = np.uint32(found.bits).view(np.float32)
+        if found.above + found.equal == k:
+            return TopK(value, sizes)
+        return TopK(value, select_host.tie_positions(sources, found.bits, k - found.above,
+                                                     passes.chunk))
+    scores = [_score(x) for x in leaves]
+    if k >= total:
+        return TopK(jnp.float32(0.0), masks=[jnp.ones(s.shape, bool) for s in scores])
+    value = threshold(scores, k, method="xla")
+    select = _select if _traced(flat_arrays) else _select_jit
+    return TopK(value, masks=select(scores, value, jnp.int32(k)))

@@ -1,6 +1,6 @@
 """Tests for cpift_jax.masks and cpift_jax.select: thresholds, core masks, overlap, storage."""
 
-import concurrent.futures
+import dataclasses
 import functools
 import math
 
@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jax.sharding import Mesh, PartitionSpec as P
 
-from cpift_jax import masks, select
+from cpift_jax import masks, select, select_host, tree
 
 SETTINGS = settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -28,18 +28,9 @@ def _ref_threshold(leaves, k):
     return np.sort(flat.astype(np.float64))[::-1][k - 1]
 
 
-@pytest.fixture
-def tiny_host_constants(monkeypatch):
-    """Shrinks the host path's sizes so small inputs go through sample + chunked passes, split
-    over up to three threads (runs of whole chunks, so of uneven sizes)."""
-    monkeypatch.setattr(select, "_SMALL", 16)
-    monkeypatch.setattr(select, "_SAMPLE", 8)
-    monkeypatch.setattr(select, "_HOST_CHUNK", 24)
-    monkeypatch.setattr(select, "_THREAD_MIN_ENTRIES", 20)
-    monkeypatch.setattr(select, "_PASS_THREADS", 3)
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        monkeypatch.setattr(select, "_PASS_POOL", pool)
-        yield
+# Host passes small enough that inputs of a few dozen entries go through sample + chunked
+# passes, split over up to three threads (runs of whole chunks, so of uneven sizes).
+TINY = select.HostPasses(small=16, sample=8, chunk=24, threads=3, thread_min_entries=20)
 
 
 # Values with many duplicates, zeros, -0.0, subnormals and very large entries.
@@ -70,10 +61,12 @@ def test_threshold_literal():
 
 @SETTINGS
 @given(leaves=_score_leaves(), data=st.data())
-def test_threshold_matches_sort_host(tiny_host_constants, leaves, data):
+def test_threshold_matches_sort_host(leaves, data):
     total = sum(a.size for a in leaves)
     k = data.draw(st.integers(1, total))
-    assert float(masks.threshold(leaves, k, method="host")) == _ref_threshold(leaves, k)
+    ref = _ref_threshold(leaves, k)
+    assert float(masks.threshold(leaves, k, method="host", host_passes=TINY)) == ref
+    assert float(masks.threshold(leaves, k, method="host")) == ref
 
 
 @settings(max_examples=12, deadline=None)
@@ -109,44 +102,97 @@ def test_threshold_large_input_uses_sampled_pass_and_xla_chunks():
         assert float(masks.threshold(xla_leaves, k, method="xla")) == ref, k
 
 
+# Adversarial inputs for the host path's sample: N entries with sample target 200 make the
+# sample every 211th entry in flatten order (211 = N // 200 is prime), so giving the sampled
+# entries other values than the rest misleads the first bracket in a chosen way.
+_N, _STRIDE = 42_200, 211
+_PASSES = select.HostPasses(chunk=1000, small=16, sample=200, threads=1)
+
+
+def _misleading_leaves(kind: str) -> list[np.ndarray]:
+    rng = np.random.default_rng(5)
+    sampled = np.zeros(_N, bool)
+    sampled[::_STRIDE] = True
+    s = int(sampled.sum())
+    x = np.empty(_N, np.float32)
+    spread = rng.permutation(s) / s  # distinct values in [0, 1)
+    x[~sampled], x[sampled] = {
+        "sample_high": (rng.random(_N - s), 2 + spread),  # sample above everything else
+        "sample_low": (1 + rng.random(_N - s), spread / 2),  # sample below everything else
+        "sample_spread": (0.5 + (rng.random(_N - s) - 0.5) / 50, spread),  # the rest in a band
+        "sample_tied": (rng.random(_N - s), 0.5),  # one value: the first bracket is one wide
+        "rest_tied": (np.round(rng.random(_N - s) * 4) / 4, 2 + spread),  # five values
+    }[kind]
+    return [x[:20_000], x[20_000:].reshape(100, 222)]
+
+
+def _misses_below(k, found):  # count(>= lo) < k
+    return found.passes[0].counts[0] < k
+
+
+def _misses_above(k, found):  # count(>= hi) >= k
+    first = found.passes[0]
+    return first.bracket[1] is not None and first.counts[1] >= k
+
+
+def _copy_over_cap_in_a_run(k, found):  # the bracket held, but one run's copy went over cap
+    first = found.passes[0]
+    return first.counts[0] >= k > first.counts[1] and first.run_copies == (None,)
+
+
+def _copy_over_cap_in_total(k, found):  # each of three runs' copies fit, together they do not
+    first = found.passes[0]
+    return (len(first.run_copies) == 3 and None not in first.run_copies
+            and sum(first.run_copies) > first.cap and first.copied is None)
+
+
+def _bisects(k, found):  # a bracket over extract_max: 16-way cuts, counting only
+    return any(p.bracket is None and len(p.cuts) == 15 for p in found.passes[1:])
+
+
+def _counts_alone_decide(k, found):  # ties: bisection down to one pattern, nothing copied
+    return _bisects(k, found) and found.passes[-1].bracket is None and found.equal > 5
+
+
+def _one_value_bracket(k, found):  # the sample's bracket is one pattern wide: counts only
+    first = found.passes[0]
+    return first.bracket is None and len(first.cuts) == 2 and first.cuts[1] - first.cuts[0] == 1
+
+
 @pytest.mark.parametrize(
-    "guess",
+    "kind, k, passes, check",
     [
-        "too_high",  # count(>= lo) < k: the bracket misses below
-        "too_low",  # count(>= hi) >= k: the bracket misses above
-        "cap",  # more entries inside than the cap: copying stops, counting goes on
-        "cap_total",  # each thread's copy fits the cap, all of them together do not
-        "bisect",  # a bracket too big to copy: 16-way bisection passes
+        ("sample_high", _N // 4, _PASSES, _misses_below),
+        ("sample_high", 100, _PASSES, _misses_below),  # one-sided bracket (k <= N / 64)
+        ("sample_low", _N // 4, _PASSES, _misses_above),
+        ("sample_spread", _N // 2, _PASSES, _copy_over_cap_in_a_run),
+        ("sample_spread", _N // 2, dataclasses.replace(_PASSES, threads=3, thread_min_entries=1),
+         _copy_over_cap_in_total),
+        ("sample_high", _N // 2, dataclasses.replace(_PASSES, extract_max=1000), _bisects),
+        ("rest_tied", _N // 2, dataclasses.replace(_PASSES, extract_max=5), _counts_alone_decide),
+        ("sample_tied", _N // 2, _PASSES, _one_value_bracket),
     ],
 )
-def test_threshold_recovers_from_a_misleading_sample(tiny_host_constants, monkeypatch, guess):
-    rng = np.random.default_rng(2)
-    leaves = [np.round(np.abs(rng.standard_normal(500)) * 20).astype(np.float32), np.ones(77)]
-    bits = np.sort(np.concatenate(leaves).view(np.uint32))
-    if guess == "too_high":
-        monkeypatch.setattr(select, "_first_guess", lambda *a: ([int(bits[-2])], (0, None), 10**6))
-    elif guess == "too_low":
-        monkeypatch.setattr(select, "_first_guess", lambda *a: ([0, 1], (0, 1), 10**6))
-    elif guess == "cap":
-        monkeypatch.setattr(select, "_first_guess", lambda *a: ([0], (0, None), 3))
-    elif guess == "cap_total":  # 577 entries in 3 runs of about 192
-        monkeypatch.setattr(select, "_first_guess", lambda *a: ([0], (0, None), 300))
-        first_values = []
-        count_pass = select._count_pass
+def test_threshold_recovers_from_a_misleading_sample(kind, k, passes, check):
+    """A sample chosen to mislead costs passes, never exactness: the passes taken show the
+    recovery path, and the value equals a sort's."""
+    leaves = _misleading_leaves(kind)
+    found = select_host.kth_largest([(x.reshape(-1),) for x in leaves], k, passes=passes)
+    assert check(k, found), found.passes
+    assert np.uint32(found.bits).view(np.float32) == _ref_threshold(leaves, k)
+    assert found.above < k <= found.above + found.equal
+    for k in (1, 13, k, _N - 1, _N):
+        got = masks.threshold(leaves, k, method="host", host_passes=passes)
+        assert float(got) == _ref_threshold(leaves, k), k
 
-        def recording(*args):
-            out = count_pass(*args)
-            first_values.append(out[1])
-            return out
 
-        monkeypatch.setattr(select, "_count_pass", recording)
-    else:
-        monkeypatch.setattr(select, "_first_guess", lambda *a: ([0, 1], None, 0))
-        monkeypatch.setattr(select, "_EXTRACT_MAX", 5)
-    for k in (1, 13, 200, 576, 577):
-        assert float(masks.threshold(leaves, k, method="host")) == _ref_threshold(leaves, k), k
-    if guess == "cap_total":  # the first pass gave up its copy although no thread went over
-        assert first_values[0] is None
+def test_host_passes_are_checked():
+    with pytest.raises(ValueError, match="HostPasses: chunk must be a positive int, got 0"):
+        select.HostPasses(chunk=0)
+    with pytest.raises(ValueError, match="HostPasses: threads must be a positive int"):
+        select.HostPasses(threads=True)
+    with pytest.raises(ValueError, match="threshold: host_passes must be a select.HostPasses"):
+        masks.threshold([np.ones(3)], 1, host_passes={"chunk": 8})
 
 
 @pytest.mark.parametrize("method", ["host", "xla"])
@@ -158,11 +204,11 @@ def test_threshold_negative_zero_counts_as_zero(method):
 
 
 @pytest.mark.parametrize("bad", [np.nan, -1.0, -np.inf])
-def test_threshold_rejects_nan_and_negative_on_host(tiny_host_constants, bad):
+def test_threshold_rejects_nan_and_negative_on_host(bad):
     x = np.ones(50, np.float32)
     x[31] = bad
     with pytest.raises(ValueError, match="leaf 'w'.*NaN or negative"):
-        masks.threshold({"w": x, "v": np.ones(3, np.float32)}, 5, method="host")
+        masks.threshold({"w": x, "v": np.ones(3, np.float32)}, 5, method="host", host_passes=TINY)
 
 
 def test_threshold_nan_gives_nan_on_xla_path():
@@ -321,7 +367,7 @@ def test_core_mask_works_on_nnx_state():
     restored = masks.unpack(masks.pack(m), base)
     assert isinstance(restored, nnx.State)
     assert masks.jaccard(m, jax.tree.map(jnp.asarray, restored)) == 1.0
-    by_layer = masks.density_by_group(m, masks.layer_index)
+    by_layer = masks.density_by_group(m, tree.layer_index)
     assert list(by_layer) == [0, 1] and sum(g["count"] for g in by_layer.values()) == 6
 
 
@@ -333,7 +379,7 @@ def _flat_deltas_strategy():
 
 @SETTINGS
 @given(deltas=_flat_deltas_strategy(), fraction=st.floats(0.01, 1.0))
-def test_core_mask_properties(tiny_host_constants, deltas, fraction):
+def test_core_mask_properties(deltas, fraction):
     base = {f"l{i}": np.zeros_like(d) for i, d in enumerate(deltas)}
     tuned = {f"l{i}": d for i, d in enumerate(deltas)}
     m = masks.core_mask(base, tuned, fraction)
@@ -468,7 +514,7 @@ def test_density_literal_and_groups():
         "total": 5 / 12,
         "count": 5,
     }
-    by_layer = masks.density_by_group(m, masks.layer_index)
+    by_layer = masks.density_by_group(m, tree.layer_index)
     assert by_layer == {
         None: {"count": 1, "size": 4, "density": 0.25},
         0: {"count": 4, "size": 4, "density": 1.0},
@@ -478,13 +524,6 @@ def test_density_literal_and_groups():
     assert by_kind["mlp"] == {"count": 4, "size": 8, "density": 0.5}
     with pytest.raises(ValueError, match="leaf 'embed' matches no rule"):
         masks.density_by(m, [(r".*mlp", "mlp")])
-
-
-def test_layer_index():
-    assert masks.layer_index("layers/3/mlp/up_proj/kernel") == 3
-    assert masks.layer_index("model/layers_12/attn/q") == 12
-    assert masks.layer_index("embed/embedding") is None
-    assert masks.layer_index("players/3/w") is None
 
 
 def test_pack_literal_bytes():
@@ -536,3 +575,40 @@ def test_threshold_with_an_empty_leaf_on_the_host_path():
     # Found by hypothesis: an empty leaf beside a -0.0 one used to fail in a max() reduction.
     scores = {"a": np.zeros((0,), np.float32), "b": np.array([-0.0, 2.0, 1.0], np.float32)}
     assert float(masks.threshold(scores, 2, method="host")) == 1.0
+
+
+# ------------------------------------------------------------------------ count rule and top_k
+
+
+def test_count_for_fraction_is_the_one_rule():
+    assert masks.core_count is select.count_for_fraction
+    assert [select.count_for_fraction(f, 100) for f in (0.29, 0.2, 0.005, 1.0)] == [29, 20, 0, 100]
+    assert select.count_for_fraction(0.5, 7) == 3  # floor, not round
+    assert select.count_for_fraction(0.1, 30) == 3  # 0.1 * 30 is 3.0000000000000004 in floats
+
+
+def _stable_top(scores, k):
+    """Exactly k largest, ties earliest first (leaf order, then row-major), by a stable sort."""
+    flat = np.concatenate([s.reshape(-1) for s in scores]).astype(np.float64)
+    chosen = np.zeros(flat.size, bool)
+    chosen[np.argsort(-flat, kind="stable")[:k]] = True
+    return np.split(chosen, np.cumsum([s.size for s in scores])[:-1])
+
+
+@pytest.mark.parametrize("k", [0, 1, 7, 40, 63, 119, 120])
+def test_top_k_of_pairs_cuts_ties_earliest_first(k):
+    """Many ties spread over leaves: the host form (threshold + last tie index per leaf, the
+    differences never materialised) selects the same entries as a stable sort."""
+    rng = np.random.default_rng(7)
+    bases = [rng.standard_normal(s).astype(np.float32) for s in ((5, 8), (40,), (4, 10))]
+    tuned = [b + np.round(rng.standard_normal(b.shape) * 2).astype(np.float32) / 4 for b in bases]
+    top = select.top_k(list(zip(bases, tuned)), k, host_passes=TINY)
+    assert top.masks is None
+    scores = [np.abs(t - b) for b, t in zip(bases, tuned)]
+    for j, (score, expected) in enumerate(zip(scores, _stable_top(scores, k))):
+        got = np.asarray(top.leaf_mask(j, jnp.asarray(score))).reshape(-1)
+        np.testing.assert_array_equal(got, expected, err_msg=f"leaf {j}")
+    traced = jax.jit(lambda pairs: select.top_k(pairs, k).masks if k else [])(
+        list(zip(bases, tuned)))
+    for got, expected in zip(traced, _stable_top(scores, k)):
+        np.testing.assert_array_equal(np.asarray(got).reshape(-1), expected)

@@ -7,6 +7,7 @@ loops for the Karcher mean), so they share no code with cpift_jax.merges.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,8 @@ from merge_trees import as64, check, f32, fine_tunes
 
 
 def keep(n, density):
-    return min(n, max(0, math.floor(density * n + 0.5)))
+    """floor(density * n) with density read as the decimal it prints as (the count rule)."""
+    return min(n, max(0, math.floor(Fraction(repr(float(density))) * n)))
 
 
 def top_mask(scores, k):
@@ -391,5 +393,5 @@ def test_sphere_means_per_row_and_under_a_mask(name, iters):
 def test_sphere_mask_must_match_the_models():
     models, base = fine_tunes()
     bad = {"a": jnp.ones((6, 4), bool), "b": [jnp.ones(5, bool)], "c": jnp.ones((4, 5))}
-    with pytest.raises(ValueError, match="mask leaf 'c' must be bool"):
+    with pytest.raises(ValueError, match="leaf 'c': mask has dtype float32, expected bool"):
         merges.get("multislerp")(models, mask=bad)

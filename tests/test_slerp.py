@@ -4,41 +4,22 @@ masks, dtypes, the multi-model fold, row granularity and bad input."""
 import math
 
 import hypothesis.extra.numpy as hnp
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from cpift_jax import merges
+from cpift_jax import merges, row_blocks, sphere
 from cpift_jax.merges import slerp as slerp_lib
+from merge_trees import ref_fold, ref_slerp
 
 SETTINGS = settings(max_examples=30, deadline=None)
 R2 = math.sqrt(0.5)
 
 
 # --------------------------------------------------------------------- float64 references
-
-
-def ref_slerp(a, b, t, mask=None, eps=1e-8, dot_threshold=0.9995):
-    """SLERP of one leaf in float64 (module docstring): Frobenius cosine over the selected
-    entries, norms <= eps left alone, linear fallback when |cos| > dot_threshold."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    sel = np.ones(a.shape, bool) if mask is None else np.asarray(mask)
-    av, bv = a[sel], b[sel]
-    na, nb = np.linalg.norm(av), np.linalg.norm(bv)
-    ua = av / na if na > eps else av
-    ub = bv / nb if nb > eps else bv
-    cos = float(np.sum(ua * ub))
-    if abs(cos) > dot_threshold:
-        out = (1 - t) * a + t * b
-    else:
-        theta = math.acos(max(-1.0, min(1.0, cos)))
-        if math.sin(theta) <= 0:
-            out = (1 - t) * a + t * b
-        else:
-            out = (math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta)
-    return np.where(sel, out, a)
 
 
 def ref_cos(a, b, mask=None, eps=1e-8):
@@ -55,14 +36,6 @@ def away_from_edges(a, b, mask=None):
     cos, na, nb = ref_cos(a, b, mask)
     assume(abs(abs(cos) - 0.9995) > 1e-4)
     assume(all(n == 0 or abs(n - 1e-8) > 1e-9 for n in (na, nb)))
-
-
-def ref_fold(models, ts):
-    """acc_1 = m_1, acc_i = slerp(acc_{i-1}, m_i; t_i), in float64."""
-    acc = np.asarray(models[0], np.float64)
-    for m, t in zip(models[1:], ts):
-        acc = ref_slerp(acc, m, t)
-    return acc
 
 
 def close(actual, expected, scale=1.0, rtol=2e-4):
@@ -111,14 +84,14 @@ def test_slerp_literal(a, b, t, expected):
 
 def test_slerp_coefficients_literal():
     # <a,a> = 1, <b,b> = 4, <a,b> = 0: orthogonal; t = 0.5 -> both sin(pi/4)
-    c_a, c_b = slerp_lib.slerp_coefficients(1.0, 4.0, 0.0, 0.5)
+    c_a, c_b = sphere.slerp_coefficients(1.0, 4.0, 0.0, 0.5)
     np.testing.assert_allclose([c_a, c_b], [R2, R2], rtol=1e-6)
     # |cos| = 0.9996 > 0.9995 -> linear
-    c_a, c_b = slerp_lib.slerp_coefficients(1.0, 1.0, 0.9996, 0.3)
+    c_a, c_b = sphere.slerp_coefficients(1.0, 1.0, 0.9996, 0.3)
     np.testing.assert_allclose([c_a, c_b], [0.7, 0.3], rtol=1e-6)
     # cos = 0.999 <= 0.9995 -> spherical: sin(0.7 theta) / sin(theta) etc.
     theta = math.acos(0.999)
-    c_a, c_b = slerp_lib.slerp_coefficients(1.0, 1.0, 0.999, 0.3)
+    c_a, c_b = sphere.slerp_coefficients(1.0, 1.0, 0.999, 0.3)
     np.testing.assert_allclose(
         [c_a, c_b], [math.sin(0.7 * theta) / math.sin(theta), math.sin(0.3 * theta) / math.sin(theta)],
         rtol=1e-4,
@@ -279,14 +252,14 @@ def test_fold_matches_numpy_fold(models):
     close(out, ref_fold(models, ts), scale=scale, rtol=1e-3)  # each step can amplify rounding
     # the one-pass coefficients used by fusion give the same fold
     flat = np.stack([m.reshape(-1).astype(np.float64) for m in models])
-    coeffs = np.asarray(slerp_lib.fold_coefficients(flat @ flat.T, jnp.asarray(ts)), np.float64)
+    coeffs = np.asarray(sphere.fold_coefficients(flat @ flat.T, jnp.asarray(ts)), np.float64)
     close((coeffs @ flat).reshape(2, 4), ref_fold(models, ts), scale=scale, rtol=1e-3)
 
 
 def test_fold_weights_and_equal_shares():
-    assert slerp_lib.fold_ts(4) == [1 / 2, 1 / 3, 1 / 4]
-    assert slerp_lib.fold_ts(3, [1.0, 1.0, 2.0]) == [0.5, 0.5]
-    assert slerp_lib.fold_ts(3, [0.0, 0.0, 1.0]) == [0.0, 1.0]
+    assert sphere.fold_ts(4) == [1 / 2, 1 / 3, 1 / 4]
+    assert sphere.fold_ts(3, [1.0, 1.0, 2.0]) == [0.5, 0.5]
+    assert sphere.fold_ts(3, [0.0, 0.0, 1.0]) == [0.0, 1.0]
     # colinear models: the fold is exactly the equal-weight mean
     models = [{"w": jnp.array([1.0, 2.0]) * s} for s in (1.0, 2.0, 3.0, 6.0)]
     np.testing.assert_allclose(merges.get("slerp")(models)["w"], [3.0, 6.0], rtol=1e-6)
@@ -319,6 +292,35 @@ def test_row_granularity_is_slerp_per_row(ab, t):
     np.testing.assert_allclose(merged, out, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("n, granularity", [(2, "leaf"), (3, "row")])
+def test_big_host_leaves_equal_the_jitted_definition(n, granularity):
+    """Eager leaves of at least ``row_blocks.BLOCK_MIN_ENTRIES`` entries take the host path
+    (pass 1 in parallel row blocks on a multi-core host); under ``jit`` the operator inlines
+    the one-program definition. Both agree to float32 rounding, with and without a mask, and
+    the leaf SLERP matches the float64 reference."""
+    rng = np.random.default_rng(n)
+    shapes = {"mat": (1024, 1024), "stack": (2, 512, 1024), "vec": (1 << 20,), "small": (8, 16)}
+    big = [k for k, s in shapes.items() if math.prod(s) >= row_blocks.BLOCK_MIN_ENTRIES]
+    assert big == ["mat", "stack", "vec"]
+    common = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    models = [{k: jnp.asarray(c + rng.standard_normal(c.shape).astype(np.float32))
+               for k, c in common.items()} for _ in range(n)]
+    mask = {k: jnp.asarray(rng.random(s) < 0.6) for k, s in shapes.items()}
+    merge = merges.get("slerp")
+    for m in (None, mask):
+        eager = merge(models, mask=m, granularity=granularity)
+        jitted = jax.jit(lambda ms, m: merge(ms, mask=m, granularity=granularity))(models, m)
+        for k in shapes:
+            np.testing.assert_allclose(eager[k], jitted[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    if n == 2 and granularity == "leaf":
+        for k in shapes:
+            close(eager[k], ref_slerp(models[0][k], models[1][k], 0.5, mask=mask[k]), scale=3.0)
+    donated = merge([jax.tree.map(jnp.copy, models[0])] + models[1:], mask=mask,
+                    granularity=granularity, donate=True)
+    for k in shapes:
+        np.testing.assert_array_equal(donated[k], eager[k], err_msg=k)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -338,13 +340,12 @@ def _pair():
         (lambda a, b: [a, b], dict(mask={"x": jnp.ones(3, bool), "y": {"w": jnp.ones(4, bool)}}),
          "leaf 'y/w': models\\[0\\] has shape \\(2, 2\\), mask has shape \\(4,\\)"),
         (lambda a, b: [a, b], dict(mask={"x": jnp.ones(3), "y": {"w": jnp.ones((2, 2), bool)}}),
-         "mask leaf 'x' must be bool"),
+         "leaf 'x': mask has dtype float32, expected bool"),
         (lambda a, b: [a, b], dict(t=1.5), "t for leaf 'x' must be in \\[0, 1\\]"),
         (lambda a, b: [a, b], dict(t={"x": 0.5, "y": {"w": -0.1}}), "t for leaf 'y/w' must be in"),
         (lambda a, b: [a, b, a], dict(t=0.3), "applies only to two models"),
         (lambda a, b: [a, b], dict(weights=[1.0]), "weights has 1 entries for 2 models"),
         (lambda a, b: [a, b], dict(weights=[1.0, -1.0]), "weights must be >= 0"),
-        (lambda a, b: [a, b], dict(mode="karcher"), "mode must be one of"),
         (lambda a, b: [a, b], dict(granularity="column"), "granularity must be one of"),
     ],
 )

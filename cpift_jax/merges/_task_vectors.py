@@ -1,8 +1,9 @@
 """Plumbing shared by the task-vector operators (not an operator: the name starts with "_").
 
 A *task vector* is ``delta_i = theta_i - theta_base`` (Ilharco et al., 2023). The operators in
-this package flatten their inputs once, work leaf by leaf on float32 stacks of shape
-``(n_models, *leaf_shape)``, and combine task vectors in one of two ways:
+this package flatten their inputs once and run one compiled program per leaf
+(``_common.leaf_program``, driven by ``run_leaves``) over the float32 task vectors of that leaf,
+which they combine in one of two ways:
 
 - ``"linear"``: ``sum_i w_i delta_i`` (task arithmetic);
 - ``"ties"``: TIES sign election and disjoint mean (Yadav et al., 2023), see ``ties_combine``.
@@ -17,10 +18,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cpift_jax import hparams
+from cpift_jax import masks as masks_lib
 from cpift_jax import tree as tree_lib
-from cpift_jax.merges._common import check_models, f32
+from cpift_jax.merges._common import check_models, donatable, f32
 
 Pytree = Any
 
@@ -70,19 +73,8 @@ def mask_leaves(mask: Pytree | None, inputs: FlatInputs) -> list:
     """Per-leaf bool masks (``None`` leaves if no mask), checked against the models' shapes."""
     if mask is None:
         return [None] * len(inputs.paths)
-    paths, leaves, _ = tree_lib.flatten(mask)
-    differ = sorted(set(inputs.paths) ^ set(paths))
-    if differ:
-        raise ValueError(f"mask must have the models' leaves; leaf '{differ[0]}' differs")
-    by_path = dict(zip(paths, leaves))
-    leaves = [by_path[p] for p in inputs.paths]
-    for path, leaf, model_leaf in zip(inputs.paths, leaves, (xs[0] for xs in inputs.models)):
-        if jnp.result_type(leaf) != jnp.bool_ or jnp.shape(leaf) != model_leaf.shape:
-            raise ValueError(
-                f"mask leaf '{path}' must be bool of shape {tuple(model_leaf.shape)}, got "
-                f"{jnp.result_type(leaf)} of shape {tuple(jnp.shape(leaf))}"
-            )
-    return leaves
+    first = inputs.unflatten([xs[0] for xs in inputs.models])
+    return masks_lib.check_mask(first, mask, names=("models[0]", "mask"))
 
 
 def check_choice(value, name: str, choices: Sequence[str]) -> None:
@@ -120,31 +112,26 @@ def task_weights(weights, n: int, *, nonnegative: bool) -> list[float]:
     return w
 
 
-# The leaf kernels below are jitted: eager callers then compile one fused kernel per leaf shape
-# instead of a dozen single-op ones, and big leaves are read once. Weights are traced arrays, so
-# new weights do not recompile.
+# Leaf-level building blocks, written over *lists* of per-model arrays so that inside one leaf
+# program (``_common.leaf_program``) XLA fuses the whole chain into one elementwise loop; no
+# (n, *shape) stack is materialised. Weights are float32 arrays (traced: new weights do not
+# recompile).
 
 
-@jax.jit
-def deltas(model_leaves: Sequence[jax.Array], base_leaf: jax.Array) -> jax.Array:
-    """Float32 stack ``(n, *shape)`` of ``theta_i - theta_base`` for one leaf."""
+def deltas(model_leaves: Sequence[jax.Array], base_leaf: jax.Array) -> list[jax.Array]:
+    """Float32 task vectors ``theta_i - theta_base`` of one leaf."""
     b = f32(base_leaf)
-    return jnp.stack([f32(x) - b for x in model_leaves])
+    return [f32(x) - b for x in model_leaves]
 
 
-def column(w, ndim: int) -> jax.Array:
-    """Per-model weights shaped ``(n, 1, ..., 1)`` to broadcast against an ``ndim`` stack."""
+def weighted_sum(parts: Sequence[jax.Array], w) -> jax.Array:
+    """``sum_i w_i parts_i`` in float32."""
     w = jnp.asarray(w, jnp.float32)
-    return w.reshape((w.shape[0],) + (1,) * (ndim - 1))
+    return functools.reduce(lambda acc, i: acc + w[i] * parts[i], range(1, len(parts)),
+                            w[0] * parts[0])
 
 
-@jax.jit
-def weighted_sum(stack: jax.Array, w) -> jax.Array:
-    return jnp.sum(column(w, stack.ndim) * stack, axis=0)
-
-
-@functools.partial(jax.jit, static_argnames="method")
-def elect_sign(stack: jax.Array, w, method: str = "sum") -> jax.Array:
+def elect_sign(parts: Sequence[jax.Array], w, method: str = "sum") -> jax.Array:
     """TIES sign election: the sign with the larger total (weighted) mass, or the majority.
 
     ``"sum"``: ``sign(sum_i w_i delta_i)`` (paper and mergekit default); ``"count"``:
@@ -153,35 +140,49 @@ def elect_sign(stack: jax.Array, w, method: str = "sum") -> jax.Array:
     """
     check_choice(method, "sign_method", SIGN_METHODS)
     if method == "sum":
-        return jnp.sign(weighted_sum(stack, w))
+        return jnp.sign(weighted_sum(parts, w))
     voters = jnp.where(jnp.asarray(w, jnp.float32) != 0, 1.0, 0.0)
-    return jnp.sign(weighted_sum(jnp.sign(stack), voters))
+    return jnp.sign(weighted_sum([jnp.sign(p) for p in parts], voters))
 
 
-@jax.jit
-def disjoint_mean(stack: jax.Array, w, sign: jax.Array) -> jax.Array:
+def disjoint_mean(parts: Sequence[jax.Array], w, sign: jax.Array) -> jax.Array:
     """Weighted mean over the models whose (non-zero) entry has the elected sign; 0 if none."""
-    agree = (jnp.sign(stack) == sign[None]) & (stack != 0)
-    wc = column(w, stack.ndim)
-    num = jnp.sum(jnp.where(agree, wc * stack, 0.0), axis=0)
-    den = jnp.sum(jnp.where(agree, wc, 0.0), axis=0)
+    w = jnp.asarray(w, jnp.float32)
+    agree = [(jnp.sign(p) == sign) & (p != 0) for p in parts]
+    num = weighted_sum([jnp.where(a, p, 0.0) for a, p in zip(agree, parts)], w)
+    den = weighted_sum([jnp.where(a, 1.0, 0.0) for a in agree], w)
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
 
 
-@functools.partial(jax.jit, static_argnames="sign_method")
-def ties_combine(stack: jax.Array, w, sign_method: str = "sum") -> jax.Array:
-    return disjoint_mean(stack, w, elect_sign(stack, w, sign_method))
+def ties_combine(parts: Sequence[jax.Array], w, sign_method: str = "sum") -> jax.Array:
+    return disjoint_mean(parts, w, elect_sign(parts, w, sign_method))
 
 
-def combine(stack: jax.Array, w, method: str, sign_method: str = "sum") -> jax.Array:
+def combine(parts: Sequence[jax.Array], w, method: str, sign_method: str = "sum") -> jax.Array:
     """Merged task vector of one leaf: ``"linear"`` weighted sum or ``"ties"``."""
     check_choice(method, "combine", COMBINE_METHODS)
     if method == "linear":
-        return weighted_sum(stack, w)
-    return ties_combine(stack, w, sign_method)
+        return weighted_sum(parts, w)
+    return ties_combine(parts, w, sign_method)
 
 
-@jax.jit
-def add_to_base(base_leaf: jax.Array, merged_delta: jax.Array, scale: float) -> jax.Array:
+def add_to_base(base_leaf: jax.Array, merged_delta: jax.Array, scale) -> jax.Array:
     """``base + scale * delta`` in float32, cast back to the parameters' dtype."""
     return (f32(base_leaf) + scale * merged_delta).astype(base_leaf.dtype)
+
+
+def float32s(values) -> np.ndarray:
+    """Hyperparameters as a float32 array: traced by the leaf programs, so a new value of
+    a weight or scale reuses the compiled program."""
+    return np.asarray(values, np.float32)
+
+
+def run_leaves(program, inputs: FlatInputs, args_of, *, donate: bool = False, **static):
+    """``program(base_leaf, model_leaves, *args_of(j), **static)`` for every leaf j, donating
+    the base leaf where ``donate`` allows (``_common.donatable``); the merged pytree."""
+    owns = donatable((inputs.base, inputs.models), donate)
+    out = [
+        program(b, xs, *args_of(j), donate=owns(b), **static)
+        for j, (xs, b) in enumerate(zip(inputs.models, inputs.base))
+    ]
+    return inputs.unflatten(out)

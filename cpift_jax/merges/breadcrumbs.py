@@ -25,17 +25,29 @@ import math
 from collections.abc import Sequence
 
 import jax.numpy as jnp
+import numpy as np
 
 from cpift_jax.merges import _sparsify
 from cpift_jax.merges import _task_vectors as tv
+from cpift_jax.merges._common import leaf_program
 
 REQUIRES_BASE = True
+MIN_MODELS = 1
+MAX_MODELS = None
 EXAMPLE_HPARAMS = {"density": 0.5, "gamma": 0.1}
 PER_LEAF_HPARAMS = ("density", "gamma", "scale")
 INTERPOLATION_ENDPOINTS = (
     ({"weights": (1.0, 0.0), "density": 1.0, "gamma": 0.0}, 0),
     ({"weights": (0.0, 1.0), "density": 1.0, "gamma": 0.0}, 1),
 )
+
+
+@leaf_program(static_argnames=("combine", "sign_method"))
+def merge_leaf(base, models, w, scale, cuts, lasts, masks, *, combine="linear", sign_method="sum"):
+    """One leaf: keep each task vector's band, combine, add to base."""
+    parts = tv.deltas(models, base)
+    kept = [jnp.where(k, p, 0.0) for k, p in zip(_sparsify.kept(parts, cuts, lasts, masks), parts)]
+    return tv.add_to_base(base, tv.combine(kept, w, combine, sign_method), scale)
 
 
 def merge(
@@ -49,12 +61,14 @@ def merge(
     combine: str = "linear",
     sign_method: str = "sum",
     scope: str = "leaf",
+    donate: bool = False,
 ):
+    """``donate=True``: the caller gives up ``base`` (its buffers may hold the result)."""
     inputs = tv.flat_inputs(models, base, operator="breadcrumbs", require_base=True)
     tv.check_choice(combine, "combine", tv.COMBINE_METHODS)
     tv.check_choice(sign_method, "sign_method", tv.SIGN_METHODS)
     tv.check_choice(scope, "scope", _sparsify.SCOPES)
-    w = tv.task_weights(weights, len(models), nonnegative=combine == "ties")
+    w = tv.float32s(tv.task_weights(weights, len(models), nonnegative=combine == "ties"))
     in_unit = (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
     densities, gammas = (
         tv.check_per_leaf(inputs.per_leaf(value, name), inputs.paths, name, *in_unit)
@@ -63,10 +77,8 @@ def merge(
     scales = tv.check_per_leaf(
         inputs.per_leaf(scale, "scale"), inputs.paths, "scale", math.isfinite, "finite"
     )
-    stacks = [tv.deltas(xs, b) for xs, b in zip(inputs.models, inputs.base)]
-    keep = _sparsify.per_task(stacks, lambda s: _sparsify.band(s, densities, gammas, scope))
-    out = [
-        tv.add_to_base(b, tv.combine(jnp.where(k, st, 0.0), w, combine, sign_method), sc)
-        for k, st, b, sc in zip(keep, stacks, inputs.base, scales)
-    ]
-    return inputs.unflatten(out)
+    keeps = _sparsify.band(inputs.base, inputs.models, densities, gammas, scope, paths=inputs.paths)
+    return tv.run_leaves(
+        merge_leaf, inputs, lambda j: (w, np.float32(scales[j]), *keeps[j].args()),
+        donate=donate, combine=combine, sign_method=sign_method,
+    )

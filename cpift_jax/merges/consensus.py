@@ -26,16 +26,20 @@ result is that model; models equal to base give base back.
 from __future__ import annotations
 
 import math
+import functools
+import operator
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cpift_jax.merges import _sparsify
 from cpift_jax.merges import _task_vectors as tv
-from cpift_jax.merges import ties
+from cpift_jax.merges._common import leaf_program
 
 REQUIRES_BASE = True
+MIN_MODELS = 1
+MAX_MODELS = None
 EXAMPLE_HPARAMS = {"tall_lambda": 0.4, "scale": 0.5}
 PER_LEAF_HPARAMS = ("tall_lambda", "scale", "density")
 INTERPOLATION_ENDPOINTS = (
@@ -44,16 +48,24 @@ INTERPOLATION_ENDPOINTS = (
 )
 
 
-def tall_masks(stack: jnp.ndarray, tau: jnp.ndarray, tall_lambda: float) -> jnp.ndarray:
-    """``(n, *shape)`` TALL masks: |delta_t| >= lambda * |tau - delta_t|."""
-    return jnp.abs(stack) >= tall_lambda * jnp.abs(tau[None] - stack)
+def tall_masks(parts, tau: jnp.ndarray, tall_lambda) -> list[jnp.ndarray]:
+    """TALL masks per task: |delta_t| >= lambda * |tau - delta_t|."""
+    return [jnp.abs(p) >= tall_lambda * jnp.abs(tau - p) for p in parts]
 
 
-@jax.jit
-def keep_consensus(stack, tau, tall_lambda, min_agreement) -> jnp.ndarray:
-    """tau where at least ``min_agreement`` TALL masks select the entry, else 0."""
-    votes = jnp.sum(tall_masks(stack, tau, tall_lambda), axis=0)
-    return jnp.where(votes >= min_agreement, tau, 0.0)
+@leaf_program(static_argnames=("combine", "sign_method"))
+def merge_leaf(base, models, w, tall_lambda, min_agreement, scale, cuts, lasts, masks, *,
+               combine="linear", sign_method="sum"):
+    """One leaf: tau (task arithmetic or TIES), kept where enough TALL masks agree."""
+    parts = tv.deltas(models, base)
+    if combine == "ties":
+        kept = _sparsify.kept(parts, cuts, lasts, masks)
+        tau = tv.ties_combine([jnp.where(k, p, 0.0) for k, p in zip(kept, parts)], w, sign_method)
+    else:
+        tau = tv.weighted_sum(parts, w)
+    votes = functools.reduce(
+        operator.add, [m.astype(jnp.int32) for m in tall_masks(parts, tau, tall_lambda)])
+    return tv.add_to_base(base, jnp.where(votes >= min_agreement, tau, 0.0), scale)
 
 
 def merge(
@@ -68,14 +80,16 @@ def merge(
     density=0.2,
     sign_method: str = "sum",
     scope: str = "leaf",
+    donate: bool = False,
 ):
+    """``donate=True``: the caller gives up ``base`` (its buffers may hold the result)."""
     inputs = tv.flat_inputs(models, base, operator="consensus", require_base=True)
     tv.check_choice(combine, "combine", tv.COMBINE_METHODS)
     tv.check_choice(sign_method, "sign_method", tv.SIGN_METHODS)
     tv.check_choice(scope, "scope", _sparsify.SCOPES)
     if not isinstance(min_agreement, int) or min_agreement < 0:
         raise ValueError(f"min_agreement must be an int >= 0, got {min_agreement!r}")
-    w = tv.task_weights(weights, len(models), nonnegative=combine == "ties")
+    w = tv.float32s(tv.task_weights(weights, len(models), nonnegative=combine == "ties"))
     lambdas = tv.check_per_leaf(
         inputs.per_leaf(tall_lambda, "tall_lambda"), inputs.paths, "tall_lambda",
         lambda v: v >= 0.0, ">= 0",
@@ -83,18 +97,17 @@ def merge(
     scales = tv.check_per_leaf(
         inputs.per_leaf(scale, "scale"), inputs.paths, "scale", math.isfinite, "finite"
     )
-    stacks = [tv.deltas(xs, b) for xs, b in zip(inputs.models, inputs.base)]
+    keeps = [_sparsify.Keep(None)] * len(inputs.paths)  # TIES trimming only
     if combine == "ties":
         densities = tv.check_per_leaf(
             inputs.per_leaf(density, "density"), inputs.paths, "density",
             lambda d: 0.0 <= d <= 1.0, "in [0, 1]",
         )
-        trimmed = ties.trim(stacks, densities, scope, inputs.paths)
-        taus = [tv.ties_combine(t, w, sign_method) for t in trimmed]
-    else:
-        taus = [tv.weighted_sum(st, w) for st in stacks]
-    out = [
-        tv.add_to_base(b, keep_consensus(st, tau, lam, min_agreement), s)
-        for st, tau, b, lam, s in zip(stacks, taus, inputs.base, lambdas, scales)
-    ]
-    return inputs.unflatten(out)
+        keeps = _sparsify.top_fraction(inputs.base, inputs.models, densities, scope,
+                                       paths=inputs.paths)
+    return tv.run_leaves(
+        merge_leaf, inputs,
+        lambda j: (w, np.float32(lambdas[j]), np.int32(min_agreement), np.float32(scales[j]),
+                   *keeps[j].args()),
+        donate=donate, combine=combine, sign_method=sign_method,
+    )

@@ -45,6 +45,8 @@ from cpift_jax import masks as masks_lib
 from cpift_jax.merges._common import check_models
 
 REQUIRES_BASE = True
+MIN_MODELS = 1
+MAX_MODELS = None
 FORWARDS_KWARGS = True  # **inner_kw go to ``inner``, which rejects unknown names
 # 75 entries in the conformance tree: 10% gives 7 core entries per model, so both the
 # transplant and the inner merge are exercised.

@@ -16,12 +16,24 @@ from collections.abc import Sequence
 
 import jax
 
-from cpift_jax.merges._common import check_models, f32, resolve_weights
+from cpift_jax.merges._common import check_models, donatable, f32, leaf_program, resolve_weights
+from cpift_jax.merges._task_vectors import float32s, weighted_sum
 
+REQUIRES_BASE = False
+MIN_MODELS = 1
+MAX_MODELS = None
 INTERPOLATION_ENDPOINTS = (({"weights": (1.0, 0.0)}, 0), ({"weights": (0.0, 1.0)}, 1))
 
 
-def merge(models: Sequence, *, base=None, weights: Sequence[float] | None = None, normalize=True):
+@leaf_program
+def merge_leaf(first, rest, w):
+    """One leaf: ``sum_i w_i theta_i`` in float32, in the first model's dtype."""
+    return weighted_sum([f32(x) for x in (first, *rest)], w).astype(first.dtype)
+
+
+def merge(models: Sequence, *, base=None, weights: Sequence[float] | None = None, normalize=True,
+          donate: bool = False):
+    """``donate=True``: the caller gives up ``models[0]`` (its buffers may hold the result)."""
     check_models(models, base)
     w = resolve_weights(weights, len(models))
     total = sum(w)
@@ -29,9 +41,6 @@ def merge(models: Sequence, *, base=None, weights: Sequence[float] | None = None
         if total == 0:
             raise ValueError("linear merge weights sum to zero")
         w = [wi / total for wi in w]
-
-    def leaf(*xs):
-        acc = sum(wi * f32(x) for wi, x in zip(w, xs))
-        return acc.astype(xs[0].dtype)
-
-    return jax.tree.map(leaf, *models)
+    w = float32s(w)
+    owns = donatable((models, base), donate)  # an array also passed as base is not given up
+    return jax.tree.map(lambda x, *rest: merge_leaf(x, rest, w, donate=owns(x)), *models)

@@ -25,36 +25,38 @@ import jax
 import jax.numpy as jnp
 
 from cpift_jax.merges import _task_vectors as tv
-from cpift_jax.merges._common import f32
+from cpift_jax.merges._common import f32, leaf_program
 
 REQUIRES_BASE = True
-MIN_MODELS = 2
+MIN_MODELS = 2  # the ratio t comes from the angle between task vectors
+MAX_MODELS = None
 
 
-@jax.jit
-def ratio(stack: jax.Array) -> jax.Array:
-    """Interpolation ratio t of one leaf from its ``(N, *shape)`` task vectors."""
-    n = stack.shape[0]
-    flat = stack.reshape(n, -1)
-    norms = jnp.linalg.norm(flat, axis=1)
-    unit = flat / jnp.where(norms > 0, norms, 1.0)[:, None]
-    gram = jnp.dot(unit, unit.T, precision=jax.lax.Precision.HIGHEST)
-    upper = jnp.triu(jnp.ones((n, n), bool), k=1)
-    cos = jnp.clip(jnp.sum(jnp.where(upper, gram, 0.0)) / (n * (n - 1) / 2), 0.0, 1.0)
+def ratio(parts) -> jax.Array:
+    """Interpolation ratio t of one leaf from its N float32 task vectors: the mean pairwise
+    cosine (clipped to [0, 1]) mapped through t = N cos / (1 + (N - 1) cos)."""
+    n = len(parts)
+    norms = [jnp.sqrt(jnp.sum(p * p)) for p in parts]
+    safe = [jnp.where(m > 0, m, 1.0) for m in norms]
+    cosines = [jnp.sum(parts[i] * parts[j]) / (safe[i] * safe[j])
+               for i in range(n) for j in range(i + 1, n)]
+    cos = jnp.clip(sum(cosines) / (n * (n - 1) / 2), 0.0, 1.0)
     return n * cos / (1.0 + (n - 1) * cos)
 
 
-def merge(models: Sequence, *, base=None, weights=None):
+@leaf_program(reduction=True)
+def merge_leaf(base, models):
+    """One leaf: ``t * mean(models) + (1 - t) * base``."""
+    t = ratio(tv.deltas(models, base))
+    average = sum(f32(x) for x in models) / len(models)
+    return (t * average + (1.0 - t) * f32(base)).astype(base.dtype)
+
+
+def merge(models: Sequence, *, base=None, weights=None, donate: bool = False):
+    """``donate=True``: the caller gives up ``base`` (its buffers may hold the result)."""
     inputs = tv.flat_inputs(models, base, operator="model_stock", require_base=True, min_models=2)
     if weights is not None:
         raise ValueError(
             "model_stock averages the models uniformly (Jang et al.); weights must be None"
         )
-    return inputs.unflatten([_merge_leaf(xs, b) for xs, b in zip(inputs.models, inputs.base)])
-
-
-@jax.jit
-def _merge_leaf(model_leaves, base_leaf):
-    t = ratio(tv.deltas(model_leaves, base_leaf))
-    average = sum(f32(x) for x in model_leaves) / len(model_leaves)
-    return (t * average + (1.0 - t) * f32(base_leaf)).astype(base_leaf.dtype)
+    return tv.run_leaves(merge_leaf, inputs, lambda j: (), donate=donate)

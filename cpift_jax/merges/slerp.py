@@ -19,8 +19,8 @@ True; the other entries are returned as in ``a`` (``models[0]``). The result on 
 entries equals SLERP of the selected entries alone. ``fusion.fuse`` uses this to merge the
 non-core entries only.
 
-More than two models (``mode="fold"``, the only mode; ``multislerp`` and ``karcher`` are the
-one-step spherical means): a sequential fold
+More than two models (``multislerp`` and ``karcher`` are the one-step spherical means): a
+sequential fold
     acc_1 = m_1,   acc_i = slerp(acc_{i-1}, m_i; t_i),   t_i = w_i / (w_1 + ... + w_i),
 so with equal weights t_i = 1/i and every model gets the same share of the interpolation
 (exactly so for linear interpolation). The result depends on the order of the models.
@@ -37,76 +37,167 @@ Degenerate cases: one model gives it back; identical or colinear models interpol
 zero (or ``<= eps``) vectors are not normalised, so they count as orthogonal to everything
 (two zero vectors give zero); antipodal models interpolate linearly through zero; t = 0 and
 t = 1 return the endpoints exactly (sin(theta)/sin(theta) = 1 in floating point).
+
+Per leaf the work is two passes: one reduction for the Gram matrix <m_i, m_j> (the whole fold's
+coefficients follow from it, ``sphere.fold_coefficients``) and one elementwise pass for
+``sum_i c_i m_i``, compiled as one program (``merge_leaf``) that inlines under an outer ``jit``.
+Eager calls on big host leaves (at least ``row_blocks.BLOCK_MIN_ENTRIES`` entries, more than one
+CPU) run the reduction as parallel row blocks (``row_blocks``; XLA:CPU runs one reduction on one
+thread) and the elementwise pass as a second program; results equal the one-program definition
+to float32 rounding (the same per-row partial sums). ``donate=True`` lets the elementwise pass
+write into ``models[0]``'s buffers: a fresh output costs page faults about as long as both
+passes on CPU.
+
+The coefficient maths (``slerp_coefficients``, the fold schedule and its one-pass coefficients)
+lives in ``cpift_jax.sphere``, shared with ``fusion``.
 """
 
 from __future__ import annotations
 
 import functools
-import numbers
+import operator
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from cpift_jax import hparams
+from cpift_jax import host
+from cpift_jax import masks as masks_lib
 from cpift_jax import tree as tree_lib
-from cpift_jax.merges._common import check_models, f32, row_sums
+from cpift_jax.merges._common import check_models, donatable, f32, is_traced, leaf_program
+from cpift_jax.row_blocks import BLOCK_MIN_ENTRIES, row_view, submit_row_blocks
+from cpift_jax.sphere import (
+    DOT_THRESHOLD, EPS, GRANULARITIES, check_t, fold_coefficients, fold_schedule, row_sums,
+)
 
-__all__ = ["slerp", "slerp_coefficients", "fold_ts", "fold_schedule", "fold_coefficients", "merge"]
+__all__ = ["slerp", "merge"]
 
+REQUIRES_BASE = False
+MIN_MODELS = 1
+MAX_MODELS = None
 PER_LEAF_HPARAMS = ("t",)
 INTERPOLATION_ENDPOINTS = (({"t": 0.0}, 0), ({"t": 1.0}, 1))
 
-MODES = ("fold",)
-GRANULARITIES = ("leaf", "row")
-EPS = 1e-8
-DOT_THRESHOLD = 0.9995
+
+def _gram(zs: list[jax.Array], rows: bool) -> jax.Array:
+    """Gram matrix ``(..., n, n)`` of the float32 leaves ``zs``: per row (the last axis) or over
+    the whole leaf (sums over the rows of its ``row_blocks.row_view`` first: shorter float32
+    accumulations than one flat sum, and the same partial sums as the row blocks of the host
+    path), every product from one read of the inputs (``sphere.row_sums``)."""
+    n = len(zs)
+    pairs = [(i, j) for i in range(n) for j in range(i, n)]
+    if zs[0].ndim == 0:
+        sums = [zs[i] * zs[j] for i, j in pairs]
+    else:
+        if not rows:
+            zs = [z.reshape(row_view(z.shape)) for z in zs]
+        sums = row_sums([zs[i] * zs[j] for i, j in pairs])
+        if not rows:
+            sums = [jnp.sum(s) for s in sums]
+    index = {pair: k for k, pair in enumerate(pairs)}
+    return jnp.stack(
+        [jnp.stack([sums[index[min(i, j), max(i, j)]] for j in range(n)], -1) for i in range(n)], -2
+    )
 
 
-def slerp_coefficients(aa, bb, ab, t, *, eps=EPS, dot_threshold=DOT_THRESHOLD):
-    """(c_a, c_b) with slerp(a, b; t) = c_a a + c_b b, from aa = <a,a>, bb = <b,b>, ab = <a,b>.
-
-    Works elementwise on arrays of sums (one per row for row granularity). No NaN in either
-    branch: the arccos input is clipped and sin(theta) is replaced by 1 where it is unused.
-    """
-    # Squared norms from a Gram matrix can round below zero.
-    na = jnp.sqrt(jnp.maximum(jnp.asarray(aa, jnp.float32), 0.0))
-    nb = jnp.sqrt(jnp.maximum(jnp.asarray(bb, jnp.float32), 0.0))
-    ab = jnp.asarray(ab, jnp.float32)
-    t = jnp.asarray(t, jnp.float32)
-    # Divide only by norms above eps (mergekit's normalize); tiny vectors stay as they are.
-    scale_a = 1.0 / jnp.where(na > eps, na, 1.0)
-    scale_b = 1.0 / jnp.where(nb > eps, nb, 1.0)
-    cos = ab * scale_a * scale_b
-    theta = jnp.arccos(jnp.clip(cos, -1.0, 1.0))
-    sin_theta = jnp.sin(theta)
-    linear = (jnp.abs(cos) > dot_threshold) | (sin_theta <= 0.0)
-    safe_sin = jnp.where(linear, 1.0, sin_theta)
-    theta_t = theta * t
-    c_a = jnp.where(linear, 1.0 - t, jnp.sin(theta - theta_t) / safe_sin)
-    c_b = jnp.where(linear, t, jnp.sin(theta_t) / safe_sin)
-    return c_a, c_b
+def _float32(first, rest, mask) -> tuple[list[jax.Array], list[jax.Array]]:
+    """(the models in float32, the same with the unmasked entries zeroed for the sums)."""
+    xs = [f32(x) for x in (first, *rest)]
+    return xs, (xs if mask is None else [jnp.where(mask, x, 0.0) for x in xs])
 
 
-def _uses_rows(x: jax.Array, granularity: str) -> bool:
-    return granularity == "row" and x.ndim >= 2
+def _interpolate(first, xs, mask, gram, ts, eps, dot_threshold, rows):
+    """The fold ``sum_i c_i x_i`` with the coefficients from ``gram`` (for two models exactly
+    ``slerp_coefficients``); unmasked entries as in ``first``; in ``first``'s dtype."""
+    c = fold_coefficients(gram, ts, eps=eps, dot_threshold=dot_threshold)
+    # Per-row coefficients (..., n) broadcast against the rows as (..., 1).
+    terms = [(c[..., i, None] if rows else c[i]) * x for i, x in enumerate(xs)]
+    out = functools.reduce(operator.add, terms)
+    if mask is not None:
+        out = jnp.where(mask, out, xs[0])
+    return out.astype(first.dtype)
 
 
-# Jitted so that eager calls fuse the products into the reduction too (no three leaf-sized
-# temporaries); under an outer jit this is inlined.
-@functools.partial(jax.jit, static_argnames="rows")
-def _inner_products(x: jax.Array, y: jax.Array, rows: bool) -> tuple[jax.Array, ...]:
-    """(<x, x>, <y, y>, <x, y>) per row (keepdims, for broadcasting) or over the whole leaf
-    (row sums first: shorter float32 accumulations than one flat sum), from one read of x, y."""
-    if x.ndim == 0:
-        return x * x, y * y, x * y
-    per_row = row_sums([x * x, y * y, x * y])
-    return tuple(s[..., None] if rows else jnp.sum(s) for s in per_row)
+@leaf_program(static_argnames=("rows",), reduction=True)
+def merge_leaf(first, rest, ts, mask, eps, dot_threshold, *, rows=False):
+    """One leaf: the whole SLERP fold of ``(first, *rest)`` as ``sum_i c_i theta_i`` with the
+    coefficients from the Gram matrix (``sphere.fold_coefficients``; for two models exactly
+    ``slerp_coefficients``): one reduction pass, one elementwise pass, one output."""
+    xs, zs = _float32(first, rest, mask)
+    return _interpolate(first, xs, mask, _gram(zs, rows), ts, eps, dot_threshold, rows)
 
 
-def _check_t_value(t, where: str) -> None:
-    if isinstance(t, numbers.Real) and not isinstance(t, bool) and not 0.0 <= float(t) <= 1.0:
-        raise ValueError(f"{where} must be in [0, 1], got {t}")
+# ------------------------------------------------- big host leaves: pass 1 in parallel row blocks
+
+
+@functools.lru_cache(maxsize=None)
+def _block_gram(count: int, rows: bool):
+    """Pass 1 over ``count`` rows of the leaf's row view from a traced ``start``: the Gram
+    matrix of those rows (``rows``: one per row). Compiled for reductions."""
+
+    def run(start, first, rest, mask):
+        view = row_view(first.shape)
+        block = lambda x: jax.lax.dynamic_slice_in_dim(x.reshape(view), start, count)  # noqa: E731
+        _, zs = _float32(block(first), [block(x) for x in rest],
+                         None if mask is None else block(mask))
+        return _gram(zs, rows)
+
+    return jax.jit(run, compiler_options=host.reduction_compiler_options("cpu") or None)
+
+
+@leaf_program(static_argnames=("rows",))
+def _interpolate_leaf(first, rest, ts, mask, eps, dot_threshold, grams, *, rows=False):
+    """Pass 2 of a leaf whose Gram matrix came in row blocks (``grams``, in row order)."""
+    if rows:
+        gram = jnp.concatenate(grams).reshape(first.shape[:-1] + grams[0].shape[-2:])
+    else:
+        gram = functools.reduce(operator.add, grams)
+    xs, _ = _float32(first, rest, mask)
+    return _interpolate(first, xs, mask, gram, ts, eps, dot_threshold, rows)
+
+
+def _in_row_blocks(leaves, blocks: int) -> bool:
+    """Whether a leaf's pass 1 runs as parallel row blocks: eager host arrays of at least
+    ``BLOCK_MIN_ENTRIES`` entries, with more than one usable CPU."""
+    first = leaves[0]
+    return (blocks > 1 and not is_traced(leaves) and np.size(first) >= BLOCK_MIN_ENTRIES
+            and all(isinstance(x, jax.Array) and next(iter(x.devices())).platform == "cpu"
+                    for x in leaves)
+            and row_view(np.shape(first))[0] >= blocks)
+
+
+def _merge_leaves(jobs, eps, dot_threshold, owns) -> list:
+    """Merged leaves of ``jobs`` = [(first, rest, ts, mask, rows)], in order.
+
+    Eager big host leaves (``_in_row_blocks``) run pass 1 as row blocks on the host's threads,
+    all queued at once; each leaf's pass 2 (one program) is dispatched as soon as its blocks
+    are done and runs on XLA's executor while the threads reduce later leaves. Other leaves
+    run ``merge_leaf``, which under an outer ``jit`` inlines."""
+    hparams = _hparams(eps, dot_threshold)
+    blocks = host.usable_cpus()
+    pass1 = []
+    for first, rest, _, mask, rows in jobs:
+        if _in_row_blocks([first, *rest] + ([] if mask is None else [mask]), blocks):
+            pass1.append(submit_row_blocks(functools.partial(_block_gram, rows=rows),
+                                           (first, tuple(rest), mask),
+                                           row_view(np.shape(first))[0], blocks))
+        else:
+            pass1.append(None)
+    out = []
+    for (first, rest, ts, mask, rows), futures in zip(jobs, pass1):
+        if futures is None:
+            out.append(merge_leaf(first, tuple(rest), ts, mask, *hparams, rows=rows,
+                                  donate=owns(first)))
+        else:
+            grams = [f.result() for f in futures]
+            out.append(_interpolate_leaf(first, tuple(rest), ts, mask, *hparams, grams,
+                                         rows=rows, donate=owns(first)))
+    return out
+
+
+def _hparams(eps, dot_threshold) -> tuple[np.ndarray, np.ndarray]:
+    return np.float32(eps), np.float32(dot_threshold)
 
 
 def slerp(a, b, t, mask=None, *, eps=EPS, dot_threshold=DOT_THRESHOLD, granularity="leaf"):
@@ -117,7 +208,7 @@ def slerp(a, b, t, mask=None, *, eps=EPS, dot_threshold=DOT_THRESHOLD, granulari
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    _check_t_value(t, "t")
+    check_t(t, "t")
     if jnp.shape(a) != jnp.shape(b):
         raise ValueError(f"slerp needs same-shape arrays, got {jnp.shape(a)} and {jnp.shape(b)}")
     if mask is not None and (jnp.shape(mask) != jnp.shape(a) or jnp.result_type(mask) != jnp.bool_):
@@ -125,91 +216,10 @@ def slerp(a, b, t, mask=None, *, eps=EPS, dot_threshold=DOT_THRESHOLD, granulari
             f"mask must be a bool array of shape {tuple(jnp.shape(a))}, got "
             f"{jnp.result_type(mask)} of shape {tuple(jnp.shape(mask))}"
         )
-    dtype = jnp.result_type(a)
-    a32, b32 = f32(a), f32(b)
-    am, bm = (a32, b32) if mask is None else (jnp.where(mask, a32, 0.0), jnp.where(mask, b32, 0.0))
-    rows = _uses_rows(a32, granularity)
-    c_a, c_b = slerp_coefficients(
-        *_inner_products(am, bm, rows), t,
-        eps=eps, dot_threshold=dot_threshold,
-    )
-    out = c_a * a32 + c_b * b32
-    if mask is not None:
-        out = jnp.where(mask, out, a32)
-    return out.astype(dtype)
-
-
-def fold_ts(n: int, weights: Sequence[float] | None = None) -> list[float]:
-    """Fold steps t_2..t_n: t_i = w_i / (w_1 + ... + w_i) (0 while that sum is 0); equal: 1/i."""
-    if weights is None:
-        return [1.0 / i for i in range(2, n + 1)]
-    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
-        raise ValueError(f"weights must be a list of {n} numbers, got {weights!r}")
-    w = [float(x) for x in weights]
-    if len(w) != n:
-        raise ValueError(f"weights has {len(w)} entries for {n} models")
-    if any(not x >= 0 for x in w) or not sum(w) > 0:
-        raise ValueError(f"slerp weights must be >= 0 with a positive sum, got {w}")
-    ts, total = [], w[0]
-    for wi in w[1:]:
-        total += wi
-        ts.append(wi / total if total > 0 else 0.0)
-    return ts
-
-
-def fold_coefficients(gram, ts, *, eps=EPS, dot_threshold=DOT_THRESHOLD):
-    """Coefficients c (..., n) with fold(m_1..m_n) = sum_i c_i m_i, from the Gram matrix.
-
-    ``gram[..., i, j] = <m_i, m_j>`` (over the entries being merged); ``ts`` holds t_2..t_n.
-    Every fold step is a linear combination of the models, so <acc, acc> = c^T G c and
-    <acc, m_i> = (G c)_i: one reduction pass over the data gives the whole fold, which is what
-    ``fusion.fuse`` runs. Equals the sequential fold up to float32 rounding (apart from
-    cancellation to ~zero norm, where rounding decides whether eps is crossed).
-    """
-    gram = jnp.asarray(gram, jnp.float32)
-    n = gram.shape[-1]
-    eye = jnp.eye(n, dtype=jnp.float32)
-    c = jnp.broadcast_to(eye[0], gram.shape[:-1])
-    for i in range(1, n):
-        g_c = jnp.einsum("...ij,...j->...i", gram, c, precision=jax.lax.Precision.HIGHEST)
-        aa = jnp.sum(c * g_c, axis=-1)
-        c_a, c_b = slerp_coefficients(
-            aa, gram[..., i, i], g_c[..., i], ts[i - 1], eps=eps, dot_threshold=dot_threshold
-        )
-        c = c_a[..., None] * c + c_b[..., None] * eye[i]
-    return c
-
-
-def fold_schedule(n: int, paths: Sequence[str], *, t=0.5, weights=None) -> list[list]:
-    """Per leaf, the fold steps [t_2, ..., t_n] (see the module docstring), validated.
-
-    Two models without weights: [t] with t per leaf (a scalar or a pytree of scalars in [0, 1]).
-    Otherwise the weights' schedule ``fold_ts``, the same for every leaf.
-    """
-    t_leaves = hparams.values_for_paths(t, paths, name="t")
-    for path, value in zip(paths, t_leaves):
-        _check_t_value(value, f"t for leaf '{path}'")
-    if n == 1:
-        return [[] for _ in paths]
-    if n == 2 and weights is None:
-        return [[value] for value in t_leaves]
-    if isinstance(t, numbers.Real) and float(t) != 0.5:
-        raise ValueError(
-            f"t={t} applies only to two models without weights; got {n} models"
-            + (" and weights" if weights is not None else "")
-            + " (the fold takes t_i from the weights; leave t at its default)"
-        )
-    ts = fold_ts(n, weights)
-    return [list(ts) for _ in paths]
-
-
-def _check_mask_tree(mask, reference) -> list:
-    tree_lib.check_same_shapes(reference, mask, names=("models[0]", "mask"))
-    paths, leaves, _ = tree_lib.flatten(mask)
-    for path, leaf in zip(paths, leaves):
-        if jnp.result_type(leaf) != jnp.bool_:
-            raise ValueError(f"mask leaf '{path}' must be bool, got {jnp.result_type(leaf)}")
-    return leaves
+    ts = jnp.reshape(jnp.asarray(t, jnp.float32), (1,)) if is_traced(t) else np.float32([t])
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    job = (a, (b,), ts, mask, granularity == "row" and a.ndim >= 2)
+    return _merge_leaves([job], eps, dot_threshold, owns=lambda leaf: False)[0]
 
 
 def merge(
@@ -219,28 +229,32 @@ def merge(
     weights: Sequence[float] | None = None,
     t=0.5,
     mask=None,
-    mode: str = "fold",
     granularity: str = "leaf",
     eps: float = EPS,
     dot_threshold: float = DOT_THRESHOLD,
+    donate: bool = False,
 ):
+    """``donate=True``: the caller gives up ``models[0]`` (its buffers may hold the result)."""
+    owns = donatable((models, base), donate)  # an array also passed as base is not given up
     del base  # documented: SLERP interpolates the models themselves
     check_models(models)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES} (see also multislerp, karcher), got {mode!r}")
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     n = len(models)
     paths, first, treedef = tree_lib.flatten(models[0])
     schedule = fold_schedule(n, paths, t=t, weights=weights)
-    masks = _check_mask_tree(mask, models[0]) if mask is not None else [None] * len(paths)
-
+    masks = ([None] * len(paths) if mask is None
+             else masks_lib.check_mask(models[0], mask, names=("models[0]", "mask")))
+    if n == 1:
+        return jax.tree.map(jnp.asarray, models[0])
     per_model = [jax.tree_util.tree_leaves(m) for m in models]
-    out = []
-    for j in range(len(paths)):
-        acc = f32(per_model[0][j])  # the fold stays in float32; one cast at the end
-        for i in range(1, n):
-            acc = slerp(acc, per_model[i][j], schedule[j][i - 1], masks[j], eps=eps,
-                        dot_threshold=dot_threshold, granularity=granularity)
-        out.append(jnp.asarray(acc).astype(jnp.result_type(first[j])))
-    return jax.tree_util.tree_unflatten(treedef, out)
+    jobs = []
+    for j, leaf in enumerate(first):
+        ts = schedule[j]
+        if is_traced(ts):
+            ts = jnp.stack([jnp.asarray(x, jnp.float32) for x in ts])
+        else:
+            ts = np.float32(ts)
+        jobs.append((leaf, tuple(m[j] for m in per_model[1:]), ts, masks[j],
+                     granularity == "row" and jnp.ndim(leaf) >= 2))
+    return jax.tree_util.tree_unflatten(treedef, _merge_leaves(jobs, eps, dot_threshold, owns))

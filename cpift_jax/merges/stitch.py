@@ -20,15 +20,19 @@ of the task vectors (a linear merge); ``density=0`` returns base.
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
 
 from cpift_jax.merges import _sparsify
 from cpift_jax.merges import _task_vectors as tv
+from cpift_jax.merges._common import leaf_program
 
 REQUIRES_BASE = True
+MIN_MODELS = 1
+MAX_MODELS = None
 EXAMPLE_HPARAMS = {"density": 0.5}
 PER_LEAF_HPARAMS = ("density",)
 INTERPOLATION_ENDPOINTS = (
@@ -37,13 +41,19 @@ INTERPOLATION_ENDPOINTS = (
 )
 
 
-@jax.jit
-def stitch(stack: jnp.ndarray, masks: jnp.ndarray, w) -> jnp.ndarray:
-    """Mean of the masked task vectors over the tasks covering each entry (0 where none)."""
-    covered = jnp.where(masks, tv.column(w, stack.ndim), 0.0)
-    total = jnp.sum(covered, axis=0)
-    num = jnp.sum(covered * stack, axis=0)
+def stitch(parts, keep, w) -> jnp.ndarray:
+    """Mean of the kept task vectors over the tasks covering each entry (0 where none)."""
+    covered = [jnp.where(k, wi, 0.0) for k, wi in zip(keep, jnp.asarray(w, jnp.float32))]
+    total = functools.reduce(operator.add, covered)
+    num = functools.reduce(operator.add, [c * p for c, p in zip(covered, parts)])
     return jnp.where(total > 0, num / jnp.where(total > 0, total, 1.0), 0.0)
+
+
+@leaf_program
+def merge_leaf(base, models, w, cuts, lasts, masks):
+    """One leaf: the stitched task vector added to base."""
+    parts = tv.deltas(models, base)
+    return tv.add_to_base(base, stitch(parts, _sparsify.kept(parts, cuts, lasts, masks), w), 1.0)
 
 
 def merge(
@@ -53,20 +63,15 @@ def merge(
     weights: Sequence[float] | None = None,
     density=0.1,
     scope: str = "leaf",
+    donate: bool = False,
 ):
+    """``donate=True``: the caller gives up ``base`` (its buffers may hold the result)."""
     inputs = tv.flat_inputs(models, base, operator="stitch", require_base=True)
     tv.check_choice(scope, "scope", _sparsify.SCOPES)
-    w = tv.task_weights(weights, len(models), nonnegative=True)
+    w = tv.float32s(tv.task_weights(weights, len(models), nonnegative=True))
     densities = tv.check_per_leaf(
         inputs.per_leaf(density, "density"), inputs.paths, "density",
         lambda d: 0.0 <= d <= 1.0, "in [0, 1]",
     )
-    stacks = [tv.deltas(xs, b) for xs, b in zip(inputs.models, inputs.base)]
-    masks = _sparsify.per_task(
-        stacks, lambda s: _sparsify.top_fraction(s, densities, scope, paths=inputs.paths)
-    )
-    out = [
-        tv.add_to_base(b, stitch(st, m, w), 1.0)
-        for st, m, b in zip(stacks, masks, inputs.base)
-    ]
-    return inputs.unflatten(out)
+    keeps = _sparsify.top_fraction(inputs.base, inputs.models, densities, scope, paths=inputs.paths)
+    return tv.run_leaves(merge_leaf, inputs, lambda j: (w, *keeps[j].args()), donate=donate)

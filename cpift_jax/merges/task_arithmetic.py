@@ -18,9 +18,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
+
 from cpift_jax.merges import _task_vectors as tv
+from cpift_jax.merges._common import leaf_program
 
 REQUIRES_BASE = True
+MIN_MODELS = 1
+MAX_MODELS = None
 EXAMPLE_HPARAMS = {"scale": 0.5}
 PER_LEAF_HPARAMS = ("scale",)
 INTERPOLATION_ENDPOINTS = (
@@ -29,14 +34,18 @@ INTERPOLATION_ENDPOINTS = (
 )
 
 
-def merge(models: Sequence, *, base=None, weights: Sequence[float] | None = None, scale=1.0):
+@leaf_program
+def merge_leaf(base, models, w, scale):
+    """One leaf: ``base + scale * sum_i w_i (theta_i - base)``."""
+    return tv.add_to_base(base, tv.weighted_sum(tv.deltas(models, base), w), scale)
+
+
+def merge(models: Sequence, *, base=None, weights: Sequence[float] | None = None, scale=1.0,
+          donate: bool = False):
+    """``donate=True``: the caller gives up ``base`` (its buffers may hold the result)."""
     inputs = tv.flat_inputs(models, base, operator="task_arithmetic", require_base=True)
-    w = tv.task_weights(weights, len(models), nonnegative=False)
+    w = tv.float32s(tv.task_weights(weights, len(models), nonnegative=False))
     scales = tv.check_per_leaf(
         inputs.per_leaf(scale, "scale"), inputs.paths, "scale", math.isfinite, "finite"
     )
-    out = [
-        tv.add_to_base(b, tv.weighted_sum(tv.deltas(xs, b), w), s)
-        for xs, b, s in zip(inputs.models, inputs.base, scales)
-    ]
-    return inputs.unflatten(out)
+    return tv.run_leaves(merge_leaf, inputs, lambda j: (w, np.float32(scales[j])), donate=donate)

@@ -3,7 +3,8 @@
 Yadav et al., 2023, "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS).
 
 1. Trim: keep the top ``density`` fraction of each task vector delta_i = theta_i - base by
-   magnitude, zero the rest. ``scope="leaf"`` ranks each leaf separately (mergekit's default,
+   magnitude (exactly floor(density * n) entries, ties earliest first; see ``_sparsify``),
+   zero the rest. ``scope="leaf"`` ranks each leaf separately (mergekit's default,
    and ours: a global ranking lets the leaves with the largest updates, often embeddings, take
    the whole budget); ``scope="global"`` ranks the whole task vector as the paper does.
 2. Elect: per entry, gamma = sign(sum_i w_i trimmed_i) (``sign_method="sum"``, the paper's
@@ -23,13 +24,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cpift_jax.merges import _sparsify
 from cpift_jax.merges import _task_vectors as tv
+from cpift_jax.merges._common import leaf_program
 
 REQUIRES_BASE = True
+MIN_MODELS = 1
+MAX_MODELS = None
 EXAMPLE_HPARAMS = {"density": 0.5}
 PER_LEAF_HPARAMS = ("density", "scale")
 INTERPOLATION_ENDPOINTS = (
@@ -38,19 +42,13 @@ INTERPOLATION_ENDPOINTS = (
 )
 
 
-def trim(
-    stacks: Sequence[jnp.ndarray], densities: Sequence[float], scope: str, paths=None
-) -> list[jnp.ndarray]:
-    """Zeroes all but the top-``density`` magnitudes of every task vector (stacks: per leaf)."""
-    keep = _sparsify.per_task(
-        stacks, lambda scores: _sparsify.top_fraction(scores, densities, scope, paths=paths)
-    )
-    return [_keep(k, s) for k, s in zip(keep, stacks)]
-
-
-@jax.jit
-def _keep(mask: jnp.ndarray, stack: jnp.ndarray) -> jnp.ndarray:
-    return jnp.where(mask, stack, 0.0)
+@leaf_program(static_argnames=("sign_method",))
+def merge_leaf(base, models, w, scale, cuts, lasts, masks, *, sign_method="sum"):
+    """One leaf: trim each task vector to its kept entries, elect, disjoint mean, add."""
+    parts = tv.deltas(models, base)
+    keep = _sparsify.kept(parts, cuts, lasts, masks)
+    trimmed = [jnp.where(k, p, 0.0) for k, p in zip(keep, parts)]
+    return tv.add_to_base(base, tv.ties_combine(trimmed, w, sign_method), scale)
 
 
 def merge(
@@ -62,11 +60,13 @@ def merge(
     scale=1.0,
     sign_method: str = "sum",
     scope: str = "leaf",
+    donate: bool = False,
 ):
+    """``donate=True``: the caller gives up ``base`` (its buffers may hold the result)."""
     inputs = tv.flat_inputs(models, base, operator="ties", require_base=True)
     tv.check_choice(sign_method, "sign_method", tv.SIGN_METHODS)
     tv.check_choice(scope, "scope", _sparsify.SCOPES)
-    w = tv.task_weights(weights, len(models), nonnegative=True)
+    w = tv.float32s(tv.task_weights(weights, len(models), nonnegative=True))
     densities = tv.check_per_leaf(
         inputs.per_leaf(density, "density"), inputs.paths, "density",
         lambda d: 0.0 <= d <= 1.0, "in [0, 1]",
@@ -74,10 +74,8 @@ def merge(
     scales = tv.check_per_leaf(
         inputs.per_leaf(scale, "scale"), inputs.paths, "scale", math.isfinite, "finite"
     )
-    stacks = [tv.deltas(xs, b) for xs, b in zip(inputs.models, inputs.base)]
-    trimmed = trim(stacks, densities, scope, inputs.paths)
-    out = [
-        tv.add_to_base(b, tv.ties_combine(t, w, sign_method), s)
-        for t, b, s in zip(trimmed, inputs.base, scales)
-    ]
-    return inputs.unflatten(out)
+    keeps = _sparsify.top_fraction(inputs.base, inputs.models, densities, scope, paths=inputs.paths)
+    return tv.run_leaves(
+        merge_leaf, inputs, lambda j: (w, np.float32(scales[j]), *keeps[j].args()),
+        donate=donate, sign_method=sign_method,
+    )
