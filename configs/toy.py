@@ -1,43 +1,30 @@
 """CPI-FT benchmark on the synthetic 5-task suite with a small character-level Llama.
 
-Command (default variant; see the README section "CPI-FT pipeline" for the measured table):
+Command (the main job):
 
-    python -m experiments.cpift --config=configs/toy.py --workdir=/tmp/toy_default
+    python -m experiments.cpift --config=configs/toy.py --workdir=workdir/toy
 
-Variants: ``configs/toy.py:smoke`` (one seed, a 6k-parameter model, a few steps per stage;
-about 45 s with warm caches, about 3 minutes the very first time on this machine because of
-cold XLA compilations; used by tests/test_pipeline.py) and ``configs/toy.py:ablations`` (the default
-plus the CPI-FT ablations and the merge-only block); ``configs/toy.py:sweep`` (one seed, no
-forgetting, shorter budgets) for ``experiments/sweep.py``, e.g. ``--knob=model.hidden_size
---values=32,128``. Prompts with domain text (``suite.similarity < 1`` or ``suite.tag=strong``)
-need ``--config.data.seq_len=72``.
+Runs, over seeds 0-2: the toy base model (pretrained once, cached under ``$CPIFT_CACHE``), the
+single-task experts (probes), core masks, clusters, fusion and pipeline SFT (CPI-FT), the
+baselines (full multi-task SFT at equal compute and at equal steps, multi-stage SFT with random
+and heuristic groups, fusion only) and the forgetting pair (logic -> strings). Results go to
+``<workdir>/results.json``, ``results.md`` and ``plots/``; measured tables are in
+docs/results.md. Expected runtime on a 2-core CPU: about 4 minutes with warm caches, about 10
+minutes on a fresh machine (base pretraining and cold XLA compilations).
 
-Expected runtime (2 CPU cores shared with other jobs, measured): 10.1 min for the first run
-(including 38 s of one-off pretraining of the base model, cached under
-``~/.cache/cpift_jax/toy_base/<settings hash>``, and cold XLA compilations, cached under
-``~/.cache/cpift_jax/xla``), 6.3 min once both caches are warm. ``:ablations`` adds 7 CPI-FT
-variants and 12 merge operators per seed (about 2 minutes per seed on top).
+Variants:
+- ``configs/toy.py:smoke``: one seed, a 6k-parameter model, a few steps per stage (about a
+  minute; the end-to-end tests use it).
+- ``configs/toy.py:ablations``: the default plus the CPI-FT ablations and the merge-only block
+  (every registry operator on the experts); about 2 more minutes per seed.
+- ``configs/toy.py:sweep``: one seed, no forgetting, shorter budgets, for
+  ``experiments/sweep.py`` (e.g. ``--knob=model.hidden_size --values=32,128``).
 
-SETTING (how the default was chosen). Earlier measurements with a 0.1-0.4M-parameter model,
-5 char tasks and 400 steps per expert found that at equal compute full multi-task SFT was never
-worse than the experts on average: only tasks unlike the rest lost, and large drops came only
-from data starvation (equal steps) and sequential training. Those runs used domain-styled
-prompts, which already tell the tasks apart. The default here makes the tasks conflict on
-purpose: every prompt is the *bare* payload (``similarity = 1``), so the same digits ask for a
-different answer per task and only one weak tag token tells which; the model is small (64 wide,
-2 layers, 87k parameters) and the budget short (160 steps x 32 rows per expert), so the five
-tasks compete for capacity. Measured over seeds 0, 1, 2 (avg. normalised, 1 = experts): full
-multi-task SFT at equal compute 0.37 +- 0.09, below the experts on every seed
-(0.31 / 0.50 / 0.31); at equal steps it collapses to 0.02 (data starvation).
-
-Expected result (measured with the current code, deterministic for a given machine and XLA
-build): avg. normalised over seeds 0-2, full multi-task SFT 0.37 +- 0.09, CPI-FT 0.29 +- 0.05
-(lower on every seed: 0.24 / 0.36 / 0.27), multi-stage random 0.22, heuristic 0.15, fusion alone
-about 0. Forgetting (logic -> strings): drop on A -76 (full SFT), -47 (multi-stage with replay),
--41 (CPI-FT); gain on B +3 / +1 / +9 points. These averages move by ~0.2 with changes that only
-alter float rounding (earlier decoder versions gave multi-task 0.35 / 0.59, CPI-FT 0.23 / 0.38). Tasks
-whose expert stays within 0.05 of chance on a seed are left out of that seed's average (the
-guard in ``cpift_jax.benchmark.aggregate``).
+The setting: every prompt is the bare payload (``suite.similarity = 1``) with one weak tag
+token naming the task, so the same digits ask for a different answer per task; the model is
+small (64 wide, 2 layers, 87k parameters) and the budget short (160 steps x 32 rows per
+expert), so the five tasks compete for capacity. Prompts with domain text
+(``suite.similarity < 1`` or ``suite.tag=strong``) need ``--config.data.seq_len=72``.
 """
 
 import ml_collections
@@ -52,8 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seeds = (0, 1, 2)
     c.methods = ("single_task", "multitask_sft", "multitask_sft_equal_steps",
                  "multistage_random", "multistage_heuristic", "fused_only", "cpift")
-    c.progress = False  # tqdm bars (not part of the pinned config)
-    c.compile_cache_dir = "~/.cache/cpift_jax/xla"  # XLA persistent cache; "" to disable
+    c.progress = True  # tqdm bars on a terminal only (not part of the pinned config)
+    c.compile_cache = True  # XLA persistent cache in $CPIFT_CACHE/xla (cpift_jax.cache)
 
     c.suite = suite.default_config()
     c.suite.tag = "weak"  # one tag token names the task
@@ -72,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.num_layers, c.model.num_heads, c.model.num_kv_heads = 2, 4, 2
 
     c.base = ml_collections.ConfigDict()
-    c.base.cache_dir = "~/.cache/cpift_jax/toy_base"  # a subdirectory per settings hash
+    # The pretrained base is cached in $CPIFT_CACHE/toy_base/<hash of its settings and corpus>.
     c.base.pretrain = pretrain.default_config()
     c.base.pretrain.steps = 300
     c.base.pretrain.batch_size = 16

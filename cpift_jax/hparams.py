@@ -17,8 +17,9 @@ wins (``cpift_jax.tree.resolve_rules``), and the last rule must be a catch-all s
 default is written down.
 
 **Layer gradients** (as in mergekit's list-valued parameters): a list of anchors
-``[v_0, ..., v_m]`` is spread evenly over the layers. A leaf of layer ``L`` (the number after
-``layers/`` or ``layers_`` in its path) out of ``N`` layers sits at position
+``[v_0, ..., v_m]`` is spread evenly over the layers. A leaf of layer ``L`` (read from its path
+by ``cpift_jax.tree.layer_index``: ``layers/L/``, ``layers_L/``, ``model.layers.L.``, ...) out of
+``N`` layers sits at position
 ``x = L / (N - 1)`` (``x = 0`` when ``N = 1``) and takes the piecewise-linear interpolation of
 the anchors at ``x * m``. ``N`` is one more than the largest layer index in the tree unless
 ``num_layers`` is given. Leaves outside the layer stack (embeddings, final norm) take the first
@@ -41,26 +42,15 @@ from cpift_jax import tree as tree_lib
 Pytree = Any
 
 __all__ = [
-    "LAYER_PATTERN",
     "resolve",
-    "layer_index",
     "interpolate_anchors",
     "per_leaf",
     "values_for_paths",
     "is_per_leaf",
 ]
 
-# "layers/7/..." (nnx.List, dicts) or "layers_7/..." (Flax linen auto-names).
-LAYER_PATTERN = r"(?:^|/)layers[/_](\d+)(?:/|$)"
-
 # Paths no real parameter has: a catch-all must match these as well as every leaf path.
 _CATCH_ALL_PROBES = ("x", "zz_probe/999/not_a_param", "a.b/c-d/0")
-
-
-def layer_index(path: str, pattern: str = LAYER_PATTERN) -> int | None:
-    """Layer number in a leaf path (first capture group of ``pattern``), or ``None``."""
-    match = re.search(pattern, path)
-    return int(match.group(1)) if match else None
 
 
 def interpolate_anchors(anchors: Sequence[float], position: float) -> float:
@@ -107,7 +97,6 @@ def resolve(
     tree: Pytree,
     rules: Sequence[tuple[str, Any]],
     *,
-    layer_pattern: str = LAYER_PATTERN,
     num_layers: int | None = None,
     unlayered: str = "first",
 ) -> Pytree:
@@ -125,7 +114,7 @@ def resolve(
     # Index of the winning rule per leaf (first full match; the catch-all guarantees one).
     indexed = [(pattern, i) for i, (pattern, _) in enumerate(rules)]
     matched = [tree_lib.match_rule(path, indexed) for path in paths]
-    layers = [layer_index(p, layer_pattern) for p in paths]
+    layers = [tree_lib.layer_index(p) for p in paths]
     if num_layers is None:
         known = [layer for layer in layers if layer is not None]
         num_layers = max(known) + 1 if known else 1
@@ -141,7 +130,7 @@ def resolve(
         if layer is None:
             if unlayered == "error":
                 raise ValueError(
-                    f"leaf '{path}' has no layer index (pattern {layer_pattern!r}) but rule "
+                    f"leaf '{path}' has no layer index (tree.LAYER_PATTERN) but rule "
                     f"{pattern!r} gives a layer gradient; add a rule for it before this one"
                 )
             values.append(float(value[0] if unlayered == "first" else value[-1]))

@@ -27,7 +27,14 @@ __all__ = [
     "resolve_rules",
     "match_rule",
     "num_params",
+    "LAYER_PATTERN",
+    "layer_index",
 ]
+
+# The layer number in a leaf path or a Hugging Face tensor name: "layers/3/...", "layers_3/..."
+# (Flax linen auto-names), "model.layers.3.mlp...", "transformer.h.3...", "blocks/3/...". The
+# container name must be a whole path component ("players/3" is not layer 3).
+LAYER_PATTERN = re.compile(r"(?:^|[/.])(?:layers|layer|blocks|h)[/._](\d+)(?:[/.]|$)")
 
 
 def _key_str(key) -> str:
@@ -157,3 +164,10 @@ def resolve_rules(tree: Pytree, rules: Rules) -> Pytree:
 def num_params(tree: Pytree) -> int:
     """Total number of scalar entries."""
     return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def layer_index(path: str) -> int | None:
+    """The layer number in a leaf path or tensor name (``LAYER_PATTERN``), or None for leaves
+    outside the layer stack (embeddings, final norm, output head)."""
+    match = LAYER_PATTERN.search(path)
+    return int(match.group(1)) if match else None

@@ -60,12 +60,15 @@ def test_single_layer_and_single_anchor():
     assert constant["layers"][2]["attn"]["q"] == pytest.approx(0.7)
 
 
-def test_layer_index_patterns():
-    assert hparams.layer_index("model/layers/12/mlp/kernel") == 12
-    assert hparams.layer_index("layers_3/attn/kernel") == 3
-    assert hparams.layer_index("embed/embedding") is None
-    assert hparams.layer_index("mylayers/3/x") is None
-    assert hparams.layer_index("h/4/mlp", r"(?:^|/)h/(\d+)/") == 4
+def test_layer_gradient_reads_hugging_face_names_with_the_shared_rule():
+    """Tensor names such as ``model.layers.2.mlp.weight`` (the streaming merge's keys) take
+    their layer from ``tree.layer_index`` as leaf paths do; the embedding is outside."""
+    names = {"model.embed_tokens.weight": 0, "model.layers.0.mlp.weight": 0,
+             "model.layers.1.mlp.weight": 0, "model.layers.2.mlp.weight": 0}
+    out = hparams.resolve(names, [(r".*", [0.0, 1.0])])
+    assert out == {"model.embed_tokens.weight": 0.0, "model.layers.0.mlp.weight": 0.0,
+                   "model.layers.1.mlp.weight": pytest.approx(0.5),
+                   "model.layers.2.mlp.weight": 1.0}
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from cpift_jax.streaming import direct_write, host_buffers
-from cpift_jax.streaming import safetensors_io as st
+from cpift_jax.models import safetensors_io as st
 
 
 @pytest.mark.parametrize("nbytes", [1, 63, 4096, 1_000_003])
@@ -103,16 +103,14 @@ def chunks(seed=0, count=40):
     return [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes]
 
 
-@pytest.fixture
-def small_bounce(monkeypatch):
-    monkeypatch.setattr(direct_write, "_BOUNCE", 2 * direct_write.BLOCK)
+SMALL_BOUNCE = 2 * direct_write.BLOCK  # chunks() then crosses many bounce-buffer boundaries
 
 
 @pytest.mark.parametrize("direct", [True, False])
-def test_sequential_writer_writes_exactly_the_bytes_given(tmp_path, small_bounce, direct):
+def test_sequential_writer_writes_exactly_the_bytes_given(tmp_path, direct):
     data = chunks()
     path = str(tmp_path / "out.bin")
-    with direct_write.SequentialWriter(path, direct=direct) as writer:
+    with direct_write.SequentialWriter(path, direct=direct, bounce_bytes=SMALL_BOUNCE) as writer:
         for chunk in data:
             writer.write(chunk)
     with open(path, "rb") as f:
@@ -138,11 +136,11 @@ def test_sequential_writer_falls_back_when_open_refuses_o_direct(tmp_path, monke
 
 
 def test_sequential_writer_falls_back_when_the_first_direct_write_is_refused(
-        tmp_path, monkeypatch, small_bounce):
+        tmp_path, monkeypatch):
     monkeypatch.setattr(os, "pwrite", lambda *a: (_ for _ in ()).throw(
         OSError(errno.EINVAL, "Invalid argument")))
     path = str(tmp_path / "out.bin")
-    with direct_write.SequentialWriter(path) as writer:
+    with direct_write.SequentialWriter(path, bounce_bytes=SMALL_BOUNCE) as writer:
         for chunk in chunks(2):
             writer.write(chunk)
         assert not writer.direct
@@ -150,13 +148,15 @@ def test_sequential_writer_falls_back_when_the_first_direct_write_is_refused(
         assert f.read() == b"".join(chunks(2))
 
 
-def test_direct_shards_load_in_the_reference_reader(tmp_path, small_bounce):
+def test_direct_shards_load_in_the_reference_reader(tmp_path):
     rng = np.random.default_rng(3)
     specs = [st.TensorSpec(f"t{i}", np.dtype(np.float32), (int(rng.integers(1, 900)),))
              for i in range(12)]
     values = {s.name: rng.standard_normal(s.shape).astype(np.float32) for s in specs}
     shards = st.plan_shards(specs, 8000)
-    writer = st.ShardedWriter(tmp_path, shards, direct=True)
+    writer = st.ShardedWriter(
+        tmp_path, shards, open_file=lambda path: direct_write.SequentialWriter(path, direct=True,
+                                                            bounce_bytes=SMALL_BOUNCE))
     for spec in specs:
         writer.write(spec.name, values[spec.name])
     writer.finish()

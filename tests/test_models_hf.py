@@ -52,6 +52,7 @@ def assert_logits_match(ours, ref):
     np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(HF_CONFIGS))
 def test_load_matches_transformers_logits(name, tmp_path):
     model = torch_model(name)
@@ -66,6 +67,7 @@ def test_load_matches_transformers_logits(name, tmp_path):
     assert_logits_match(models.logits(config, params, jnp.asarray(TOKENS)), torch_logits(model))
 
 
+@pytest.mark.slow
 def test_load_reads_a_checkpoint_sharded_by_transformers(tmp_path):
     model = torch_model("qwen2")
     model.save_pretrained(tmp_path, max_shard_size="20KB")
@@ -74,6 +76,7 @@ def test_load_reads_a_checkpoint_sharded_by_transformers(tmp_path):
     assert_logits_match(models.logits(config, params, jnp.asarray(TOKENS)), torch_logits(model))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama", "llama_tied", "qwen2", "mistral"])
 def test_save_then_transformers_from_pretrained_round_trips(name, tmp_path):
     config, params = hf.load(_saved(name, tmp_path / "src"))
@@ -84,6 +87,7 @@ def test_save_then_transformers_from_pretrained_round_trips(name, tmp_path):
                         torch_logits(reloaded))
 
 
+@pytest.mark.slow
 def test_sharded_save_loads_in_transformers_and_back_bit_exact(tmp_path):
     config, params = hf.load(_saved("llama", tmp_path / "src"))
     hf.save(tmp_path / "out", config, params, max_shard_bytes=20_000)
@@ -101,6 +105,7 @@ def test_sharded_save_loads_in_transformers_and_back_bit_exact(tmp_path):
     assert [f for f in os.listdir(tmp_path / "out") if "safetensors" in f] == [hf.SINGLE_FILE]
 
 
+@pytest.mark.slow
 def test_bf16_params_round_trip_bit_exact(tmp_path):
     config = models.ModelConfig(**COMMON, param_dtype="bfloat16")
     params = models.init_params(config, 0)
@@ -122,6 +127,7 @@ def test_bf16_params_round_trip_bit_exact(tmp_path):
     assert {x.dtype for x in jax.tree.leaves(p32)} == {jnp.dtype(jnp.float32)}
 
 
+@pytest.mark.slow
 def test_bf16_transformers_checkpoint_loads_as_bf16_params_by_config(tmp_path):
     model = torch_model("mistral").to(torch.bfloat16)
     model.save_pretrained(tmp_path)

@@ -44,6 +44,7 @@ def smoke_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_binary_writes_the_schema(smoke_run):
     results = json.loads((smoke_run / "results.json").read_text())
     assert list(results["methods"]) == list(pipeline.MAIN_METHODS)
@@ -62,12 +63,13 @@ def test_binary_writes_the_schema(smoke_run):
     assert (smoke_run / "results.md").exists()
 
 
+@pytest.mark.slow
 def test_rerun_skips_every_stage_and_resumes_only_a_deleted_one(smoke_run):
     before = _markers(smoke_run)
     first = json.loads((smoke_run / "results.json").read_text())
     again = pipeline.run(_smoke(), smoke_run)
     assert _markers(smoke_run) == before  # nothing recomputed
-    assert again["methods"] == first["methods"]
+    assert again.to_json()["methods"] == first["methods"]
 
     (smoke_run / "results" / "DONE.json").unlink()
     pipeline.run(_smoke(), smoke_run)
@@ -77,6 +79,7 @@ def test_rerun_skips_every_stage_and_resumes_only_a_deleted_one(smoke_run):
     assert (smoke_run / "results.partial-0").exists()  # the old one is kept, not overwritten
 
 
+@pytest.mark.slow
 def test_a_different_config_is_refused_naming_the_key(smoke_run):
     config = _smoke()
     config.cpift.tau = 0.3
@@ -84,6 +87,7 @@ def test_a_different_config_is_refused_naming_the_key(smoke_run):
         pipeline.run(config, smoke_run)
 
 
+@pytest.mark.slow
 def test_a_corrupted_artifact_gives_a_clear_error(smoke_run, tmp_path):
     import shutil
     copy = tmp_path / "wd"
@@ -100,6 +104,7 @@ def test_a_corrupted_artifact_gives_a_clear_error(smoke_run, tmp_path):
         pipeline.run(_smoke(), copy)
 
 
+@pytest.mark.slow
 def test_base_checkpoint_that_does_not_match_the_model_is_refused(smoke_run, tmp_path):
     import shutil
     copy = tmp_path / "wd"
@@ -116,6 +121,7 @@ def test_base_checkpoint_that_does_not_match_the_model_is_refused(smoke_run, tmp
 # --------------------------------------------------------------------------- budgets (fast)
 
 
+@pytest.mark.slow
 def test_budgets_equal_compute_and_equal_steps(monkeypatch, tmp_path):
     """Every training call is recorded: experts S each, multi-task SFT n*S (= the experts'
     sum) or S, multi-stage stages |g|*S summing to n*S, CPI-FT stages |g|*S_cpift."""
@@ -226,3 +232,96 @@ def test_bad_config_is_refused_before_any_work(edit, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         pipeline.run(config, tmp_path / "wd")
     assert not (tmp_path / "wd").exists()
+
+
+# ------------------------------------------------------------------ merge-only: honest failures
+
+_DECLARATIONS = "REQUIRES_BASE = True\nMIN_MODELS = {min_models}\nMAX_MODELS = None\n"
+_WORKING = "from cpift_jax.merges.linear import merge  # noqa: F401\n"
+_FAILING = ("def merge(models, *, base=None, weights=None):\n"
+            "    raise ValueError('boom: a bug in the operator')\n")
+
+
+@pytest.fixture
+def extra_operators(tmp_path, monkeypatch):
+    """``write(name, source)`` adds an operator module that ``cpift_jax.merges`` finds by name
+    (a folder appended to the package's ``__path__``, as any plug-in package would be)."""
+    import importlib
+    import sys
+
+    from cpift_jax import merges
+
+    folder = tmp_path / "extra_merges"
+    folder.mkdir()
+    monkeypatch.setattr(merges, "__path__", [*merges.__path__, str(folder)])
+    written = []
+
+    def write(name: str, source: str) -> None:
+        (folder / f"{name}.py").write_text(source)
+        sys.modules.pop(f"cpift_jax.merges.{name}", None)  # the new source, not a cached module
+        importlib.invalidate_caches()
+        written.append(name)
+
+    yield write
+    for name in written:
+        sys.modules.pop(f"cpift_jax.merges.{name}", None)
+
+
+def _merge_only_config(*operators):
+    """The smoke config cut to the experts and the merge-only block (training faked below)."""
+    config = _smoke()
+    config.methods = ("single_task",)
+    config.forgetting.enabled = False
+    config.merge_only.enabled = True
+    config.merge_only.operators = operators
+    return config
+
+
+@pytest.fixture
+def fake_training(monkeypatch):
+    """Experts equal to the base and a constant score: these tests are about stage outcomes."""
+    monkeypatch.setattr(methods, "train_on", lambda ctx, params, *a, **k: params)
+    monkeypatch.setattr(methods, "evaluate", lambda ctx, params, tasks=None: {
+        t: 0.5 for t in (ctx.tasks if tasks is None else tasks)})
+
+
+@pytest.mark.slow
+def test_a_merge_operator_that_does_not_apply_is_recorded_as_such_and_the_run_goes_on(
+        extra_operators, fake_training, tmp_path):
+    n = len(_smoke().suite.tasks)
+    extra_operators("needs_many", _DECLARATIONS.format(min_models=n + 1) + _FAILING)
+    workdir = tmp_path / "wd"
+    pipeline.run(_merge_only_config("needs_many", "linear"), workdir)
+    from cpift_jax.training.checkpoints import read_json
+
+    reason = f"needs_many merges at least {n + 1} models, got {n}"
+    # The operator never ran (it would have raised): its stage records why it does not apply.
+    assert read_json(workdir / "seed0" / "merge_needs_many" / "DONE.json")["result"] == {
+        "status": "not_applicable", "reason": reason}
+    rows = json.loads((workdir / "results.json").read_text())["methods"]
+    assert rows["merge_needs_many"]["status"] == "not_applicable"
+    assert rows["merge_needs_many"]["reason"] == reason
+    assert rows["merge_linear"]["status"] == "ok"  # the stage after it still ran
+    assert rows["merge_linear"]["per_task"]
+
+
+@pytest.mark.slow
+def test_a_failing_merge_operator_fails_the_run_naming_the_stage_and_is_retried(
+        extra_operators, fake_training, tmp_path):
+    extra_operators("flaky", _DECLARATIONS.format(min_models=1) + _FAILING)
+    config, workdir = _merge_only_config("flaky"), tmp_path / "wd"
+    with pytest.raises(RuntimeError, match=r"stage seed0/merge_flaky failed: merge operator "
+                                           r"'flaky' raised ValueError: boom"):
+        pipeline.run(config, workdir)
+    assert not (workdir / "seed0" / "merge_flaky" / "DONE.json").exists()  # nothing recorded
+    before = _markers(workdir)
+    assert "seed0/experts" in before
+
+    extra_operators("flaky", _DECLARATIONS.format(min_models=1) + _WORKING)  # the bug fixed
+    pipeline.run(config, workdir)
+    after = _markers(workdir)
+    assert "seed0/merge_flaky" in after and "results" in after
+    assert all(after[k] == before[k] for k in before)  # only the failed stage was redone
+    rows = json.loads((workdir / "results.json").read_text())["methods"]
+    assert rows["merge_flaky"]["status"] == "ok"
+

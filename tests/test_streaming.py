@@ -24,7 +24,7 @@ from configs.merge import ties as ties_recipe
 from cpift_jax.training import checkpoints as checkpoint_lib
 from cpift_jax import merges
 from cpift_jax.streaming import merge as streaming
-from cpift_jax.streaming import safetensors_io as st
+from cpift_jax.models import safetensors_io as st
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -117,6 +117,7 @@ def run_recipe(module, arg: str, output: str, **overrides):
     # A layer gradient of t needs exactly two models; three models fold with t_i = 1/i.
     ("slerp", "m0,m1,m2", {}, {"rules": ()}),
 ])
+@pytest.mark.slow
 def test_recipe_merge_of_three_models_equals_the_in_memory_operator(
         ckpts, tmp_path, op, arg, hp, overrides):
     module = {"linear": linear_recipe, "ties": ties_recipe, "slerp": slerp_recipe}[op]
@@ -157,6 +158,7 @@ def test_per_parameter_rules_override_the_defaults(ckpts, tmp_path):
     np.testing.assert_allclose(merged["model.norm.weight"], mean, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_cli_writes_a_sharded_checkpoint_that_transformers_loads(ckpts, tmp_path):
     out = tmp_path / "ties"
     arg = ",".join([ckpts["base"], *models_of(ckpts)])
@@ -286,6 +288,7 @@ def to_orbax(hf_dir, path):
     return str(path)
 
 
+@pytest.mark.slow
 def test_orbax_checkpoints_merge_like_their_hugging_face_originals(ckpts, tmp_path):
     orbax = [to_orbax(ckpts[n], tmp_path / f"orbax_{n}") for n in ("m0", "m1", "m2")]
     out = str(tmp_path / "out")
@@ -325,9 +328,66 @@ def test_a_bad_hyperparameter_in_a_late_rule_fails_before_anything_is_written(ck
     assert os.listdir(tmp_path) == []
 
 
+def test_an_operator_that_does_not_apply_is_refused_with_its_declared_limits(ckpts, tmp_path):
+    with pytest.raises(ValueError, match="model_stock merges at least 2 models, got 1"):
+        streaming.merge_checkpoints(models_of(ckpts, ("m0",)), str(tmp_path / "out"),
+                                    operator="model_stock", base=ckpts["base"], progress=False)
+    with pytest.raises(ValueError, match="ties needs a base model"):
+        streaming.merge_checkpoints(models_of(ckpts), str(tmp_path / "out"), operator="ties",
+                                    progress=False)
+    assert os.listdir(tmp_path) == []
+
+
+def _tensor_inputs(seed, n=3, shape=(8, 6)):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=shape).astype(np.float32) for _ in range(n)]
+
+
+def test_floats_an_operator_needs_as_numbers_are_compiled_in_and_the_switch_is_logged(caplog):
+    """ties takes ``density`` only as a Python number: one program per value, said once; slerp
+    takes ``t`` traced: one program for every value, nothing said. Results match the operator."""
+    inputs, base = _tensor_inputs(0), _tensor_inputs(1, n=1)[0]
+    ties = streaming.TensorMerger("ties", "jit")
+    with caplog.at_level(logging.WARNING):
+        for density in (0.5, 0.25):
+            got = ties([x for x in inputs], base, {"density": density})
+            want = merges.get("ties")([{"w": x} for x in inputs], base={"w": base},
+                                      density=density)["w"]
+            np.testing.assert_allclose(got, np.asarray(want), rtol=1e-6, atol=1e-7)
+    said = [r.getMessage() for r in caplog.records if "Python numbers" in r.getMessage()]
+    assert len(said) == 1 and "'ties' needs density" in said[0]
+    assert ties.compilations == 2
+    caplog.clear()
+    slerp = streaming.TensorMerger("slerp", "jit")
+    with caplog.at_level(logging.WARNING):
+        for t in (0.2, 0.7):
+            got = slerp(inputs[:2], None, {"t": t})
+            want = merges.get("slerp")([{"w": x} for x in inputs[:2]], t=t)["w"]
+            np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-6)
+    assert slerp.compilations == 1 and not caplog.records
+
+
+def test_recycled_outputs_are_donated_without_a_warning():
+    """An output handed back with ``recycle`` becomes the buffer of the next result; JAX warns
+    when a donation cannot be used, and no warning is filtered out any more."""
+    import warnings
+
+    merger = streaming.TensorMerger("linear", "jit")
+    inputs = [jnp.asarray(x) for x in _tensor_inputs(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a donation JAX cannot use would fail the test
+        first = merger.merge(inputs, None, {})
+        want = np.asarray(first).copy()
+        merger.recycle(first)
+        second = merger.merge(inputs, None, {})
+        np.testing.assert_array_equal(np.asarray(second), want)
+    assert first.is_deleted()  # its buffer now holds the second result
+
+
 # ---------------------------------------------------------------- host buffers and dtypes
 
 
+@pytest.mark.slow
 def test_bfloat16_checkpoints_merge_like_the_in_memory_operator(ckpts, tmp_path):
     """bfloat16 crosses into XLA as raw 16-bit words (DLPack has no bfloat16) and is bit-cast
     back inside the jitted operator."""

@@ -98,3 +98,32 @@ def test_resolve_rules_rejects_bad_regex():
 
 def test_num_params_counts_scalars():
     assert tree.num_params(_params()) == 10 + 2 * (6 + 2)
+
+
+@pytest.mark.parametrize("path, layer", [
+    ("layers/3/mlp/up_proj/kernel", 3),          # nnx.List / nested dicts
+    ("model/layers/12/self_attn/q_proj/kernel", 12),
+    ("model/layers_7/attn/q", 7),                # Flax linen auto-names
+    ("model.layers.5.mlp.up_proj.weight", 5),    # Hugging Face tensor names
+    ("transformer.h.11.attn.c_attn.weight", 11),
+    ("blocks/2/mlp/kernel", 2),
+    ("model.layers.4", 4),
+    ("embed/embedding", None),
+    ("model/norm/scale", None),
+    ("lm_head.weight", None),
+    ("mylayers/3/x", None),                      # "layers" must be a whole component
+    ("players/3/w", None),
+    ("layers/x3/w", None),
+])
+def test_layer_index_reads_every_naming_scheme(path, layer):
+    assert tree.layer_index(path) == layer
+
+
+def test_layer_index_is_the_rule_methods_use():
+    from cpift_jax.benchmark import methods
+
+    assert methods.layer_group("model/layers/1/mlp/up_proj/kernel") == "1"
+    assert methods.layer_group("model/embed_tokens/embedding") == "embed"
+    assert methods.layer_group("model/norm/scale") == "final_norm"
+    with pytest.raises(ValueError, match="leaf 'other/w' is neither in a layer"):
+        methods.layer_group("other/w")

@@ -2,8 +2,8 @@
 
 import pytest
 
-from cpift_jax.training.checkpoints import read_json
-from cpift_jax.benchmark.workdir import Workdir, config_diff
+from cpift_jax.training.checkpoints import config_diff, read_json
+from cpift_jax.benchmark.workdir import Workdir
 
 
 def test_config_diff_names_nested_keys():

@@ -71,6 +71,12 @@ def check_config(config) -> None:
             if name not in merges.available():
                 _fail("merge_only.operators", f"names unknown operator {name!r}; available: "
                       f"{', '.join(merges.available())}")
+        for name in config.merge_only.operators or merges.available():
+            try:  # its declarations decide, before any work, whether the stage applies
+                merges.get_module(name)
+            except ValueError as err:
+                _fail("merge_only.operators", f"names operator {name!r}, which cannot be loaded: "
+                      f"{err}")
     for p in config.ablations.p_values:
         _check_cpift(config.cpift.copy_and_resolve_references(), "ablations.p_values", p=p)
 

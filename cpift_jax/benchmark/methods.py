@@ -31,13 +31,14 @@ import jax
 import numpy as np
 
 from cpift_jax import clustering, fusion, masks, merges
+from cpift_jax import tree as tree_lib
 from cpift_jax.training import evaluate as evaluate_lib
 from cpift_jax.training import train as train_lib
 from cpift_jax.data import batching
 
 __all__ = ["Context", "evaluate", "train_on", "stage_weights", "multistage", "heuristic_groups",
            "core_masks", "core_density", "cluster", "fuse", "pipeline_sft", "cpift_chain",
-           "merge_only", "KIND_RULES", "LAYER_RULES"]
+           "merge_only", "KIND_RULES", "OUTSIDE_LAYER_RULES", "layer_group"]
 
 Pytree = Any
 
@@ -47,9 +48,22 @@ KIND_RULES = [(rf".*{k}.*", k) for k in ("q_proj", "k_proj", "v_proj", "o_proj",
     (r".*embed.*", "embed"), (r".*(norm|layernorm).*", "norm"), (r".*lm_head.*", "head")]
 
 
-def LAYER_RULES(num_layers: int) -> list[tuple[str, str]]:  # noqa: N802 (a rule table)
-    return ([(r".*embed.*", "embed")] + [(rf".*layers/{i}/.*", str(i)) for i in range(num_layers)]
-            + [(r".*model/norm.*", "final_norm"), (r".*lm_head.*", "head")])
+# Groups of the leaves outside the layer stack in the per-layer breakdown.
+OUTSIDE_LAYER_RULES = [(r".*embed.*", "embed"), (r".*model/norm.*", "final_norm"),
+                       (r".*lm_head.*", "head")]
+
+
+def layer_group(path: str) -> str:
+    """The per-layer breakdown's group of a leaf: its layer number (``tree.layer_index``) as a
+    string, else its ``OUTSIDE_LAYER_RULES`` group; ValueError for a leaf in neither."""
+    layer = tree_lib.layer_index(path)
+    if layer is not None:
+        return str(layer)
+    try:
+        return tree_lib.match_rule(path, OUTSIDE_LAYER_RULES)
+    except KeyError:
+        raise ValueError(f"leaf '{path}' is neither in a layer nor in any of "
+                         f"{[p for p, _ in OUTSIDE_LAYER_RULES]}") from None
 
 
 @dataclasses.dataclass
@@ -160,11 +174,13 @@ def core_masks(base: Pytree, experts: Sequence[Pytree], cfg) -> list[Pytree]:
             for e in experts]
 
 
-def core_density(mask: Pytree, num_layers: int) -> dict:
-    """``{"by_layer": {...}, "by_kind": {...}}``: share of each group's entries in the core."""
-    def dens(rules):
-        return {str(k): v["density"] for k, v in masks.density_by(mask, rules).items()}
-    return {"by_layer": dens(LAYER_RULES(num_layers)), "by_kind": dens(KIND_RULES)}
+def core_density(mask: Pytree) -> dict:
+    """``{"by_layer": {...}, "by_kind": {...}}``: share of each group's entries in the core
+    (groups: ``layer_group`` and ``KIND_RULES``)."""
+    by_layer = masks.density_by_group(mask, layer_group)
+    by_kind = masks.density_by(mask, KIND_RULES)
+    return {"by_layer": {k: v["density"] for k, v in by_layer.items()},
+            "by_kind": {str(k): v["density"] for k, v in by_kind.items()}}
 
 
 def cluster(tasks: Sequence[str], cores: Sequence[Pytree], cfg, seed: int,

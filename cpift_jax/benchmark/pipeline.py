@@ -13,8 +13,10 @@ completed stage, a workdir made with another config is refused naming the differ
                                multistage_heuristic (budgets in ``cpift_jax.benchmark.methods``)
     seed<s>/forgetting         sequential A -> B (``cpift_jax.benchmark.forgetting``)
     seed<s>/ablation_<name>    CPI-FT variants (``config.ablations``)
-    seed<s>/merge_<name>       merge-only operators on the experts (``config.merge_only``)
-    results                    ``results.json`` (schema in ``docs``/the README) + the report
+    seed<s>/merge_<name>       merge-only operators on the experts (``config.merge_only``); one
+                               whose declarations exclude the setting is recorded as
+                               ``{"status": "not_applicable", "reason": ...}``
+    results                    ``results.json`` (``aggregate.Results``) + the report
 
 Every stage returns a JSON result stored in its ``DONE.json``; ``results`` aggregates them over
 seeds (mean and population std) and calls ``cpift_jax.benchmark.report.write``.
@@ -27,8 +29,6 @@ chance), averaged over the tasks whose expert beats chance by at least 0.05).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -36,6 +36,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from cpift_jax import cache as cache_lib
 from cpift_jax import clustering, merges, models
 from cpift_jax.benchmark import aggregate
 from cpift_jax.training import checkpoints
@@ -72,13 +73,8 @@ def _build_base(config):
     if m.backend == "toy":
         from cpift_jax.training import pretrain
         model_config, tokenizer = _toy_model(config)
-        # One cache directory per settings: pretrain_base refuses a directory made otherwise.
-        key = json.dumps([dataclasses.asdict(model_config), config.base.pretrain.to_dict(),
-                          list(config.suite.tasks)], sort_keys=True, default=str)
-        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-        cache = Path(os.path.expanduser(config.base.cache_dir)) / digest
-        params = pretrain.pretrain_base(cache, model_config, tokenizer, config.suite,
-                                        config.base.pretrain, progress=config.progress)
+        params = pretrain.cached_base(model_config, tokenizer, config.suite, config.base.pretrain,
+                                      progress=config.progress)
         return model_config, tokenizer, params
     from cpift_jax.models import smollm2  # the other backend check_config allows
 
@@ -111,7 +107,7 @@ class _Run:
 
     def __init__(self, config, workdir):
         self.config = config
-        self.wd = Workdir(workdir, config.to_dict(), ignore_keys=("progress", "compile_cache_dir"))
+        self.wd = Workdir(workdir, config.to_dict(), ignore_keys=("progress", "compile_cache"))
         self.tasks = tuple(config.suite.tasks)
         self._base = None
         self._ctx: dict[int, methods.Context] = {}
@@ -256,14 +252,30 @@ class _Run:
             wd.run(p + key, ablation)
         if c.merge_only.enabled:
             for name in c.merge_only.operators or merges.available():
-                def merge(d, name=name):
-                    ctx = self.ctx(seed, d)
-                    try:
-                        return {"per_task": methods.merge_only(ctx, self.experts(seed), name)}
-                    except (ValueError, TypeError) as err:  # e.g. an operator's own limits
-                        logging.warning("merge-only %s failed: %s", name, err)
-                        return {"error": f"{type(err).__name__}: {err}"}
-                wd.run(p + f"merge_{name}", merge)
+                self.merge_only_stage(seed, name)
+
+    def merge_only_stage(self, seed: int, name: str) -> dict:
+        """Stage ``seed<s>/merge_<name>``: operator ``name`` on the experts with base = the base
+        model. An operator whose declarations exclude this setting (``merges.applicable``) is
+        recorded as ``{"status": "not_applicable", "reason": ...}`` without running it; any
+        error the operator raises fails the run naming the stage, and with no DONE marker
+        written the next run retries it."""
+        stage = f"seed{seed}/merge_{name}"
+        ok, reason = merges.applicable(name, len(self.tasks), has_base=True)
+
+        def merge(d):
+            if not ok:
+                logging.info("stage %s: not applicable (%s)", stage, reason)
+                return {"status": aggregate.NOT_APPLICABLE, "reason": reason}
+            ctx = self.ctx(seed, d)
+            experts = self.experts(seed)
+            try:
+                return {"per_task": methods.merge_only(ctx, experts, name)}
+            except Exception as err:  # re-raised with the stage named, not recorded
+                raise RuntimeError(f"stage {stage} failed: merge operator {name!r} raised "
+                                   f"{type(err).__name__}: {err}") from err
+
+        return self.wd.run(stage, merge)
 
     def backbone(self, seed: int):
         b = self.config.cpift.backbone
@@ -275,14 +287,13 @@ class _Run:
 
     def cpift_stages(self, seed: int) -> None:
         c, wd, p = self.config, self.wd, f"seed{seed}/"
-        num_layers = self.base()[0].num_hidden_layers
 
         def cores(d):
             ctx = self.ctx(seed, d)
             masks_ = methods.core_masks(ctx.base, self.experts(seed), c.cpift)
             for t, m in zip(self.tasks, masks_):
                 checkpoints.save_masks(d / t, m)
-            return {"density": {t: methods.core_density(m, num_layers)
+            return {"density": {t: methods.core_density(m)
                                 for t, m in zip(self.tasks, masks_)}}
 
         wd.run(p + "cores", cores)
@@ -315,21 +326,22 @@ class _Run:
 # ---------------------------------------------------------------------------------------- run
 
 
-def _enable_compile_cache(path: str | None) -> None:
+def _enable_compile_cache(enabled: bool) -> None:
     """Every train() call builds a fresh jitted step; with a constant-after-warm-up schedule the
-    programs are identical, so XLA's persistent cache turns each recompilation into a lookup."""
-    if path:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+    programs are identical, so XLA's persistent cache (``$CPIFT_CACHE/xla``) turns each
+    recompilation into a lookup."""
+    if enabled:
+        jax.config.update("jax_compilation_cache_dir", str(cache_lib.cache_dir("xla")))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
-def run(config, workdir) -> dict:
-    """Runs (or resumes) every stage and returns the results dict written to
-    ``workdir/results.json``; then ``cpift_jax.benchmark.report.write`` renders ``results.md`` and plots.
-    """
+def run(config, workdir) -> aggregate.Results:
+    """Runs (or resumes) every stage and returns the ``aggregate.Results`` written to
+    ``workdir/results.json``; ``cpift_jax.benchmark.report.write`` renders ``results.md`` and
+    plots from it."""
     check_config(config)
-    _enable_compile_cache(config.compile_cache_dir)
+    _enable_compile_cache(config.compile_cache)
     r = _Run(config, workdir)
     r.base()
     for seed in config.seeds:
@@ -339,18 +351,15 @@ def run(config, workdir) -> dict:
 
     def results_stage(d):
         chance = {t: suite_lib.chance_level(t, config.suite) for t in r.tasks}
-        out = aggregate.collect(config, r.wd, r.tasks, chance, labels=LABELS,
-                                budgets=budgets(config), ablations=ablations,
-                                forgetting_labels=forgetting_lib.LABELS)
-        # Insertion order kept: the report lists methods in that order.
-        checkpoints.write_json(d / "results.json", out, sort_keys=False)
+        aggregate.collect(config, r.wd, r.tasks, chance, labels=LABELS, budgets=budgets(config),
+                          ablations=ablations, forgetting_labels=forgetting_lib.LABELS,
+                          ).save(d / "results.json")
         return {"file": str(d / "results.json")}
 
     r.wd.run("results", results_stage)
-    results = checkpoints.read_json(r.wd.path("results") / "results.json")
-    stages = aggregate.stage_seconds(r.wd)
-    results["timings"] = {"total_s": float(sum(stages.values())), "stages": stages}
-    checkpoints.write_json(r.wd.root / "results.json", results, sort_keys=False)
+    results = aggregate.Results.load(r.wd.path("results") / "results.json")
+    results = dataclasses.replace(results, timings=aggregate.timings(r.wd))
+    results.save(r.wd.root / "results.json")
     from cpift_jax.benchmark import report  # imported late: it pulls in plotting
     report.write(r.wd.root, results)
     return results

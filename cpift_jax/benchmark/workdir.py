@@ -9,7 +9,8 @@ Layout::
 A rerun skips every stage whose ``DONE.json`` exists; an interrupted stage (no marker) is
 redone from scratch in a fresh directory, and the partial one is kept aside as
 ``<stage>.partial-<n>`` rather than deleted. A workdir made with a different config is refused
-with the differing keys named.
+with the differing keys named. Each finished or skipped stage is one line on the progress logger
+(``cpift_jax.benchmark.console``).
 """
 
 from __future__ import annotations
@@ -23,26 +24,12 @@ from typing import Any
 
 from absl import logging
 
-from cpift_jax.training.checkpoints import read_json, write_json
+from cpift_jax.benchmark import console
+from cpift_jax.training.checkpoints import config_diff, read_json, write_json
 
-__all__ = ["Workdir", "config_diff"]
+__all__ = ["Workdir"]
 
 _DONE = "DONE.json"
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: d}
-
-
-def config_diff(old: dict, new: dict) -> list[str]:
-    """Dotted keys whose values differ (or exist on one side only)."""
-    a, b = _flatten(old), _flatten(new)
-    return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
 
 
 class Workdir:
@@ -85,7 +72,7 @@ class Workdir:
     def run(self, stage: str, fn: Callable[[Path], Any]) -> Any:
         """Runs ``fn(stage_dir)`` unless the stage is complete; returns its JSON-able result."""
         if self.done(stage):
-            logging.info("stage %s: done already, skipping", stage)
+            console.progress.info("stage %s: done in an earlier run, skipped", stage)
             return self.result(stage)
         stage_dir = self.path(stage)
         if stage_dir.exists():
@@ -100,5 +87,5 @@ class Workdir:
         result = fn(stage_dir)
         seconds = time.time() - start
         write_json(stage_dir / _DONE, {"result": result, "seconds": seconds})
-        logging.info("stage %s: done in %.1f s", stage, seconds)
+        console.progress.info("stage %s: done in %s", stage, console.seconds(seconds))
         return result

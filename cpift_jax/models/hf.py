@@ -18,14 +18,14 @@ from collections.abc import Callable, Iterator, Mapping
 import jax
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from cpift_jax import tree
+from cpift_jax.models import safetensors_io as st
 from cpift_jax.models.config import ModelConfig
 from cpift_jax.models.functional import abstract_params
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = st.SINGLE_FILE
+INDEX_FILE = st.INDEX_FILE
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
 # Tensors some HF checkpoints carry that the model recomputes (old Llama RoPE buffers).
@@ -190,41 +190,16 @@ def save(
     for old in os.listdir(path):
         if old == INDEX_FILE or re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors", old):
             os.remove(os.path.join(path, old))
-    shards = _plan_shards(config, max_shard_bytes)
-    tensors = hf_tensors(config, params)
-    weight_map, total = {}, 0
-    for i, names in enumerate(shards):
-        file = SINGLE_FILE if len(shards) == 1 else \
-            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        shard = {}
-        for name in names:
-            got_name, array = next(tensors)
-            assert got_name == name
-            shard[name] = array
-            weight_map[name] = file
-            total += array.nbytes
-        save_file(shard, os.path.join(path, file), metadata={"format": "pt"})
-        del shard
-    if len(shards) > 1:
-        with open(os.path.join(path, INDEX_FILE), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    dtype = np.dtype(jax.numpy.dtype(config.param_dtype))
+    specs = [st.TensorSpec(name, dtype, shape) for _, name, _, shape in _expected(config)]
+    writer = st.ShardedWriter(path, st.plan_shards(specs, max_shard_bytes))
+    try:
+        for name, array in hf_tensors(config, params):
+            writer.write(name, array)
+        writer.finish()
+    finally:
+        writer.close()
     hf_config = config.to_hf_dict()
     hf_config.update(extra_config or {})
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
-
-
-def _plan_shards(config: ModelConfig, max_shard_bytes: int) -> list[list[str]]:
-    """Greedy split of the HF tensor names, in order, into shards of at most ``max_shard_bytes``
-    (a single tensor larger than that gets a shard of its own)."""
-    itemsize = np.dtype(jax.numpy.dtype(config.param_dtype)).itemsize
-    shards, current, size = [], [], 0
-    for _, name, _, shape in _expected(config):
-        nbytes = int(np.prod(shape)) * itemsize
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(name)
-        size += nbytes
-    shards.append(current)
-    return shards

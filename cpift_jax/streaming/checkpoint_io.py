@@ -27,12 +27,11 @@ from collections.abc import Iterable
 import jax
 import numpy as np
 
-from cpift_jax.streaming import safetensors_io as st
+from cpift_jax.models import safetensors_io as st
 
 __all__ = ["Checkpoint", "HFCheckpoint", "OrbaxCheckpoint", "open_checkpoint", "copy_side_files",
-           "TOKENIZER_FILES", "SINGLE_FILE"]
+           "TOKENIZER_FILES"]
 
-SINGLE_FILE = "model.safetensors"
 _ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Copied next to the merged weights: what AutoTokenizer and generate() read.
@@ -132,7 +131,7 @@ def _hf_locations(path: str) -> dict[str, st.TensorLocation]:
                 raise ValueError(f"{path}: tensor '{name}' is listed in {st.INDEX_FILE} but "
                                  f"missing from '{file}'")
         return locations
-    single = os.path.join(path, SINGLE_FILE)
+    single = os.path.join(path, st.SINGLE_FILE)
     if os.path.isfile(single):
         return st.read_header(single)[0]
     present = sorted(os.listdir(path))
@@ -146,8 +145,8 @@ def _hf_locations(path: str) -> dict[str, st.TensorLocation]:
     others = [f for f in present if f.endswith(".safetensors")]
     if others:
         raise ValueError(f"{path} has safetensors files ({', '.join(others[:3])}) but neither "
-                         f"{SINGLE_FILE} nor {st.INDEX_FILE} saying which hold the model")
-    raise FileNotFoundError(f"no {SINGLE_FILE} or {st.INDEX_FILE} in {path!r}")
+                         f"{st.SINGLE_FILE} nor {st.INDEX_FILE} saying which hold the model")
+    raise FileNotFoundError(f"no {st.SINGLE_FILE} or {st.INDEX_FILE} in {path!r}")
 
 
 class OrbaxCheckpoint(Checkpoint):

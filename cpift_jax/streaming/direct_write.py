@@ -23,15 +23,19 @@ from cpift_jax.streaming.host_buffers import aligned_empty
 __all__ = ["SequentialWriter", "BLOCK"]
 
 BLOCK = 4096  # covers every logical block size O_DIRECT asks for in practice
-_BOUNCE = 16 << 20  # bytes per write call
+BOUNCE_BYTES = 16 << 20  # default bytes per write call
 
 
 class SequentialWriter:
     """``write(bytes-like)`` appends; ``close()`` completes the file. ``direct=False`` (or an
-    ``O_DIRECT`` refusal) writes through the page cache instead."""
+    ``O_DIRECT`` refusal) writes through the page cache instead. ``bounce_bytes`` (a multiple
+    of ``BLOCK``) is the size of one ``O_DIRECT`` write call."""
 
-    def __init__(self, path: str, direct: bool = True):
+    def __init__(self, path: str, direct: bool = True, *, bounce_bytes: int = BOUNCE_BYTES):
+        if bounce_bytes <= 0 or bounce_bytes % BLOCK:
+            raise ValueError(f"bounce_bytes must be a positive multiple of {BLOCK}, got {bounce_bytes}")
         self.path = path
+        self._bounce_bytes = bounce_bytes
         self.direct = direct and hasattr(os, "O_DIRECT")
         self._fd = None
         if self.direct:
@@ -43,7 +47,7 @@ class SequentialWriter:
                 self.direct = False
         if not self.direct:
             self._fd = self._open_buffered()
-        self._bounce = aligned_empty(_BOUNCE, BLOCK) if self.direct else None
+        self._bounce = aligned_empty(bounce_bytes, BLOCK) if self.direct else None
         self._filled = 0  # bytes waiting in the bounce buffer
         self._offset = 0  # bytes already in the file
 
@@ -57,12 +61,12 @@ class SequentialWriter:
             if not self.direct:  # the first block write was refused: carry on buffered
                 self._write_all(view[done:])
                 return
-            take = min(len(view) - done, _BOUNCE - self._filled)
+            take = min(len(view) - done, self._bounce_bytes - self._filled)
             self._bounce[self._filled : self._filled + take] = view[done : done + take]
             self._filled += take
             done += take
-            if self._filled == _BOUNCE:
-                self._flush(_BOUNCE)
+            if self._filled == self._bounce_bytes:
+                self._flush(self._bounce_bytes)
 
     def _flush(self, length: int) -> None:
         """Writes the first ``length`` bytes of the bounce buffer (a multiple of BLOCK)."""

@@ -14,7 +14,7 @@ whatever the model size: inputs are ``pread`` (nothing memory-mapped) into two r
 aligned host buffers (one merged, one read ahead) that XLA reads in place, results are computed
 into the buffers of earlier, already written results (``cpift_jax.streaming.host_buffers``: no page
 faults after the first tensors), and shards are written as their tensors arrive
-(``cpift_jax.streaming.safetensors_io``), so not even one shard is held.
+(``cpift_jax.models.safetensors_io``), so not even one shard is held.
 
 Inputs: Hugging Face directories or Orbax parameter checkpoints (``cpift_jax.streaming.checkpoint_io``).
 Output: a Hugging Face directory with ``config.json`` (from the base, else the first model that
@@ -30,7 +30,12 @@ reuses it across tensors (layers share shapes). ``"eager"`` calls it op by op
 (each jnp op is itself compiled once per shape; operators may take NumPy fast paths on concrete
 arrays). ``"auto"`` (default) picks eager for stochastic operators (they take a per-tensor
 Python-int seed, which would recompile every tensor under jit), jit for the rest, and falls back
-to eager with a warning if an operator cannot be traced.
+to eager with a warning if an operator cannot be traced. Under jit, float hyperparameters are
+traced scalars (a layer gradient compiles once per shape) unless the operator needs them as
+Python numbers, which is found out once by tracing and logged; the output is computed into a
+donated, already written buffer of the same shape and dtype (an operator returning another shape
+or dtype is logged and computed into fresh memory). Nothing else is caught: any other error
+fails the merge.
 Stochastic operators get ``seed = crc32("<seed>:<tensor name>")`` per tensor, so every tensor
 draws its own mask and the result is reproducible from ``params.seed``. Per-tensor merging means
 ``scope="global"`` (ranking the whole task vector at once) cannot stream and is refused.
@@ -50,7 +55,6 @@ import shutil
 import tempfile
 import threading
 import time
-import warnings
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -64,7 +68,8 @@ from cpift_jax import merges
 from cpift_jax.streaming import plan as plan_lib
 from cpift_jax.streaming import checkpoint_io as ckpt_lib
 from cpift_jax.streaming import host_buffers
-from cpift_jax.streaming import safetensors_io as st
+from cpift_jax.models import safetensors_io as st
+from cpift_jax.streaming.direct_write import SequentialWriter
 
 __all__ = ["MergeResult", "TensorMerger", "merge_checkpoints", "merge_from_config", "EXECUTIONS"]
 
@@ -159,9 +164,12 @@ class TensorMerger:
         self._signatures: set[tuple] = set()
         self._spares = host_buffers.SparePool(per_shape=_WRITES_IN_FLIGHT + 1)
         # Float hyperparameters go in as traced scalars, so a layer gradient of t compiles once
-        # per shape instead of once per layer; operators that need them as Python numbers
-        # (a top-k count from a density) fail to trace and are then compiled per value.
-        self._trace_floats = True
+        # per shape instead of once per layer; operators that need them as Python numbers (a
+        # top-k count from a density) get them compiled in, one program per value. Decided once
+        # per set of float names (``_traces_floats``).
+        self._float_tracing: dict[tuple[str, ...], bool] = {}
+        # Program signature -> whether its output can take a donated spare (``_donates``).
+        self._donation: dict[tuple, bool] = {}
 
     @property
     def compilations(self) -> int:
@@ -174,16 +182,18 @@ class TensorMerger:
                                      None if base is None else jnp.asarray(base), hp, cast))
 
     def merge(self, inputs: list, base, hp: Mapping[str, Any], cast=None,
-              stored: Sequence | None = None) -> jax.Array:
+              stored: Sequence | None = None, name: str | None = None) -> jax.Array:
         """Merged tensor; ``inputs``/``base`` are jax arrays, ``stored`` their true dtypes when
-        they hold raw bits (``host_buffers.to_jax``), one per input then the base."""
+        they hold raw bits (``host_buffers.to_jax``), one per input then the base. ``name``
+        (the tensor's) only labels log messages."""
         stored = _true_dtypes(stored if stored is not None else (None,) * (len(inputs) + 1))
         if self.execution == "jit":
             try:
-                return self._jit_call(inputs, base, hp, cast, stored)
-            except _TRACE_ERRORS as err:
-                logging.warning("operator %r cannot be traced by jax.jit (%s); running it "
-                                "eagerly", self.operator, type(err).__name__)
+                return self._jit_call(inputs, base, hp, cast, stored, name)
+            except _TRACE_ERRORS as err:  # the operator needs concrete arrays
+                logging.warning("operator %r cannot be traced by jax.jit (%s at tensor %r); "
+                                "running it eagerly from now on", self.operator,
+                                type(err).__name__, name)
                 self.execution = "eager"
         return _operator_call(self.merge_fn, hp, cast, stored, inputs, base)
 
@@ -192,31 +202,97 @@ class TensorMerger:
         if self.execution == "jit":
             self._spares.put(output)
 
-    def _jit_call(self, inputs, base, hp, cast, stored):
-        if self._trace_floats:
-            traced = _traced_floats(hp)
-            try:
-                return self._jit_call_split(inputs, base, hp, traced, cast, stored)
-            except (TypeError, ValueError, *_TRACE_ERRORS):
-                # The dry run already validated these values eagerly, so the failure comes from
-                # tracing them; compile them in as constants from now on.
-                self._trace_floats = False
-                self._jitted.clear()
-                self._signatures.clear()
-        return self._jit_call_split(inputs, base, hp, {}, cast, stored)
+    def _jit_call(self, inputs, base, hp, cast, stored, name):
+        traced = self._traced(inputs, base, hp, cast, stored, name)
+        return self._jit_call_split(inputs, base, hp, traced, cast, stored, name)
 
-    def _program(self, hp, traced, cast, stored):
-        """(jitted program, its cache key) for these hyperparameters and dtypes."""
+    def _traced(self, inputs, base, hp, cast, stored, name) -> dict:
+        """The hyperparameters of ``hp`` to pass as traced scalars: its floats, unless the
+        operator needs them as Python numbers (``_traces_floats``)."""
+        traced = _traced_floats(hp)
+        if traced and not self._traces_floats(inputs, base, hp, traced, cast, stored, name):
+            return {}
+        return traced
+
+    def _traces_floats(self, inputs, base, hp, traced, cast, stored, name) -> bool:
+        """Whether the operator takes the float hyperparameters ``traced`` as traced scalars.
+
+        Decided once per set of their names by tracing on abstract values (nothing is
+        computed). The call with every value compiled in is traced first, so a genuine error
+        raises here as it would in the merge; if that traces and the call with traced floats
+        raises, tracing them is the only difference and so the cause (typically an operator
+        that checks ``isinstance(density, float)`` or derives a top-k count from it). Logged."""
+        names = tuple(sorted(traced))
+        with self._lock:
+            known = self._float_tracing.get(names)
+        if known is not None:
+            return known
         static = {k: v for k, v in hp.items() if k not in traced}
-        key = (tuple(sorted(static.items())), tuple(sorted(traced)),
-               None if cast is None else np.dtype(cast).name, stored)
+        values = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in traced}
+        jax.eval_shape(functools.partial(_operator_call, self.merge_fn, hp, cast, stored),
+                       list(inputs), base)
+        try:
+            jax.eval_shape(functools.partial(_operator_call, self.merge_fn, static, cast, stored),
+                           list(inputs), base, values)
+            ok = True
+        except (TypeError, ValueError, *_TRACE_ERRORS) as err:
+            logging.warning("operator %r needs %s as Python numbers, not traced scalars (at "
+                            "tensor %r: %s: %s); compiling one program per value", self.operator,
+                            ", ".join(names), name, type(err).__name__, err)
+            ok = False
+        with self._lock:
+            self._float_tracing[names] = ok
+        return ok
+
+    def _donates(self, signature, inputs, base, hp, traced, cast, stored, name) -> bool:
+        """Whether the program's output has the shape and dtype of the spare it is given, so XLA
+        writes it into that donated buffer. Checked once per signature by tracing (nothing is
+        computed); an operator returning another shape or dtype is logged and gets a program
+        without donation (JAX would otherwise warn and free the spare)."""
+        with self._lock:
+            known = self._donation.get(signature)
+        if known is not None:
+            return known
+        static = {k: v for k, v in hp.items() if k not in traced}
+        values = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in traced}
+        out = jax.eval_shape(functools.partial(_operator_call, self.merge_fn, static, cast,
+                                               stored), list(inputs), base, values)
+        want = (tuple(inputs[0].shape), self._out_dtype(inputs, cast, stored))
+        ok = (tuple(out.shape), np.dtype(out.dtype)) == want
+        if not ok:
+            logging.warning("operator %r returns %s%s for tensor %r, not its inputs' %s%s; its "
+                            "outputs go to fresh memory instead of a reused buffer",
+                            self.operator, np.dtype(out.dtype), list(out.shape), name,
+                            want[1], list(want[0]))
+        with self._lock:
+            self._donation[signature] = ok
+        return ok
+
+    @staticmethod
+    def _key(hp, traced, cast, stored) -> tuple:
+        """A program's cache key: its compiled-in hyperparameters, traced names and dtypes."""
+        static = {k: v for k, v in hp.items() if k not in traced}
+        return (tuple(sorted(static.items())), tuple(sorted(traced)),
+                None if cast is None else np.dtype(cast).name, stored)
+
+    def _program(self, hp, traced, cast, stored, donate: bool):
+        """The jitted program for these hyperparameters and dtypes: ``fn(spare, inputs, base,
+        values)`` computing into the donated ``spare``, or without donation
+        ``fn(inputs, base, values)``."""
+        static = {k: v for k, v in hp.items() if k not in traced}
+        key = (self._key(hp, traced, cast, stored), donate)
         with self._lock:
             fn = self._jitted.get(key)
             if fn is None:
-                fn = jax.jit(functools.partial(_operator_call_into, self.merge_fn, static, cast,
-                                               stored), donate_argnums=(0,), keep_unused=True)
+                if donate:
+                    fn = jax.jit(functools.partial(_operator_call_into, self.merge_fn, static,
+                                                   cast, stored),
+                                 donate_argnums=(0,), keep_unused=True)
+                else:
+                    fn = jax.jit(functools.partial(_operator_call, self.merge_fn, static, cast,
+                                                   stored))
                 self._jitted[key] = fn
-        return fn, key
+        return fn
 
     @staticmethod
     def _out_dtype(inputs, cast, stored):
@@ -228,20 +304,30 @@ class TensorMerger:
         will need for ``calls``: ``(input shapes/dtypes, base or None, hp, cast, stored)``
         with ``jax.ShapeDtypeStruct`` placeholders as passed to ``merge``. Compilation then
         overlaps the first reads instead of stalling the stream; ``merge`` waits for a program
-        being compiled ahead rather than compiling it twice. Failures are left to ``merge``."""
-        if self.execution != "jit" or not self._trace_floats:
+        being compiled ahead rather than compiling it twice. An operator that cannot be traced
+        at all is left to ``merge`` (which runs it eagerly)."""
+        if self.execution != "jit":
             return
         self._ahead_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
         for inputs, base, hp, cast, stored in calls:
-            stored, traced = _true_dtypes(stored), _traced_floats(hp)
-            fn, key = self._program(hp, traced, cast, stored)
-            signature = _signature(key, inputs)
-            if signature not in self._ahead:
+            stored = _true_dtypes(stored)
+            try:
+                traced = self._traced(inputs, base, hp, cast, stored, None)
+            except _TRACE_ERRORS:
+                return
+            signature = _signature(self._key(hp, traced, cast, stored), inputs)
+            if signature in self._ahead:
+                continue
+            donate = self._donates(signature, inputs, base, hp, traced, cast, stored, None)
+            fn = self._program(hp, traced, cast, stored, donate)
+            values = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in traced}
+            args = (list(inputs), base, values)
+            if donate:
                 spare = jax.ShapeDtypeStruct(inputs[0].shape, self._out_dtype(inputs, cast, stored),
                                              sharding=inputs[0].sharding)
-                values = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in traced}
-                self._ahead[signature] = self._ahead_pool.submit(
-                    lambda fn=fn, args=(spare, list(inputs), base, values): fn.lower(*args).compile())
+                args = (spare, *args)
+            self._ahead[signature] = self._ahead_pool.submit(
+                lambda fn=fn, args=args: fn.lower(*args).compile())
 
     def close(self) -> None:
         """Stops compiling ahead (programs not started are dropped)."""
@@ -249,23 +335,23 @@ class TensorMerger:
             self._ahead_pool.shutdown(wait=True, cancel_futures=True)
             self._ahead_pool = None
 
-    def _jit_call_split(self, inputs, base, hp, traced, cast, stored):
-        fn, key = self._program(hp, traced, cast, stored)
-        signature = _signature(key, inputs)
+    def _jit_call_split(self, inputs, base, hp, traced, cast, stored, name):
+        signature = _signature(self._key(hp, traced, cast, stored), inputs)
+        donate = self._donates(signature, inputs, base, hp, traced, cast, stored, name)
+        fn = self._program(hp, traced, cast, stored, donate)
         ahead = self._ahead.pop(signature, None)
         if ahead is not None:
             concurrent.futures.wait([ahead])  # its errors resurface in the call below
+        self._signatures.add(signature)
+        values = {k: np.float32(v) for k, v in traced.items()}
+        if not donate:
+            return fn(list(inputs), base, values)
         # Without a spare a zero array stands in (one compiled program per shape, not two).
         out_dtype = self._out_dtype(inputs, cast, stored)
         spare = self._spares.take(inputs[0].shape, out_dtype)
         if spare is None:
             spare = jnp.zeros(inputs[0].shape, out_dtype, device=inputs[0].sharding)
-        self._signatures.add(signature)
-        values = {k: np.float32(v) for k, v in traced.items()}
-        with warnings.catch_warnings():
-            # An operator returning another shape or dtype cannot use the spare; it is freed.
-            warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-            return fn(spare, list(inputs), base, values)
+        return fn(spare, list(inputs), base, values)
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -340,13 +426,9 @@ def merge_checkpoints(
     if isinstance(models, str) or not models:
         raise ValueError("models must be a non-empty list of checkpoint directories")
     merger = TensorMerger(operator, execution)
-    module = merger.module
-    n_min, n_max = getattr(module, "MIN_MODELS", 1), getattr(module, "MAX_MODELS", None)
-    if len(models) < n_min or (n_max is not None and len(models) > n_max):
-        raise ValueError(f"operator {operator!r} merges {n_min} to {n_max or 'any number of'} "
-                         f"models, got {len(models)}")
-    if getattr(module, "REQUIRES_BASE", False) and base is None:
-        raise ValueError(f"operator {operator!r} needs a base checkpoint (set base)")
+    ok, reason = merges.applicable(operator, len(models), base is not None)
+    if not ok:
+        raise ValueError(f"operator {operator!r} does not apply: {reason}")
     # None stands for the operator's own default (recipes list every key, see configs/merge).
     params = {k: v for k, v in dict(params or {}).items() if v is not None}
     if merger.stochastic:
@@ -378,7 +460,8 @@ def merge_checkpoints(
         parent = os.path.dirname(output)
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=os.path.basename(output) + ".tmp-", dir=parent)
-        writer = st.ShardedWriter(tmp, shards, direct=direct_write)
+        writer = st.ShardedWriter(
+            tmp, shards, open_file=functools.partial(SequentialWriter, direct=direct_write))
         try:
             _stream(merger, plans, hps, sources, base_source, cast, writer, progress)
             writer.finish()
@@ -529,7 +612,7 @@ def _merge_tensor(merger, plan, arrays, hp, cast, sources, base_source, staging)
         handed = [host_buffers.to_jax(a) for a in arrays]  # zero-copy views
         xs, stored = [x for x, _ in handed], [d for _, d in handed]
         base = xs[-1] if base_source is not None else None
-        out = merger.merge(xs[: len(sources)], base, hp, cast, stored)
+        out = merger.merge(xs[: len(sources)], base, hp, cast, stored, name=plan.name)
         merged = np.asarray(out)  # waits for the result
     else:
         merged = _copy_if_equal(plan.name, arrays, sources, base_source)

@@ -33,11 +33,10 @@ import numpy as np
 from cpift_jax import hparams as hparams_lib
 from cpift_jax import tree as tree_lib
 from cpift_jax.streaming.checkpoint_io import Checkpoint
-from cpift_jax.streaming.safetensors_io import TensorSpec
+from cpift_jax.models.safetensors_io import TensorSpec
 
 __all__ = [
     "VOCAB_PATTERN",
-    "HF_LAYER_PATTERN",
     "LITERAL_HPARAMS",
     "TensorPlan",
     "plan_tensors",
@@ -47,8 +46,6 @@ __all__ = [
 
 # Embedding and output-head matrices whose first dimension is the vocabulary.
 VOCAB_PATTERN = r"(?:.*\.)?(?:embed_tokens|lm_head|embed_out|embed_in|wte|word_embeddings)\.weight"
-# The layer number in a Hugging Face tensor name: model.layers.3. / transformer.h.3. / blocks.3.
-HF_LAYER_PATTERN = r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)"
 # Hyperparameters whose list value is one entry per model, not a layer gradient.
 LITERAL_HPARAMS = ("weights",)
 
@@ -187,7 +184,6 @@ def tensor_hparams(
     rules: Sequence[tuple[str, Mapping[str, Any]]] = (),
     *,
     num_layers: int | None = None,
-    layer_pattern: str = HF_LAYER_PATTERN,
 ) -> dict[str, dict[str, Any]]:
     """Operator hyperparameters per tensor name.
 
@@ -195,9 +191,9 @@ def tensor_hparams(
     For each hyperparameter, the first rule whose regex fully matches the tensor name *and*
     sets that hyperparameter wins; otherwise ``params``; otherwise the operator's own default.
     A list value is a layer gradient (``cpift_jax.hparams``: anchors spread over layers
-    ``0..num_layers-1``, the layer read from the name with ``layer_pattern``, tensors outside
-    the layer stack take the first anchor), except for ``LITERAL_HPARAMS`` (``weights`` is one
-    value per model).
+    ``0..num_layers-1``, the layer read from the name by ``cpift_jax.tree.layer_index``,
+    tensors outside the layer stack take the first anchor), except for ``LITERAL_HPARAMS``
+    (``weights`` is one value per model).
     """
     params = dict(params or {})
     rules = _check_rule_list(rules)
@@ -211,8 +207,7 @@ def tensor_hparams(
             chosen = {n: _first_match(n, key_rules, default) for n in names}
         else:
             chosen = hparams_lib.resolve(
-                probe, key_rules + [(".*", default)], layer_pattern=layer_pattern,
-                num_layers=num_layers,
+                probe, key_rules + [(".*", default)], num_layers=num_layers,
             ) if names else {}
         for name in names:
             if chosen[name] is not _UNSET:

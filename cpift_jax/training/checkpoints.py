@@ -22,7 +22,8 @@ from cpift_jax import tree as tree_lib
 
 Pytree = Any
 
-__all__ = ["save_params", "load_params", "save_masks", "load_masks", "write_json", "read_json"]
+__all__ = ["save_params", "load_params", "save_masks", "load_masks", "write_json", "read_json",
+           "config_diff"]
 
 
 def _require(path: Path, what: str) -> None:
@@ -64,12 +65,12 @@ def save_masks(path: str | os.PathLike, mask: Pytree) -> None:
 def load_masks(path: str | os.PathLike, like: Pytree) -> Pytree:
     """Inverse of ``save_masks``; ``like`` gives the target structure (params or masks)."""
     path = Path(path).absolute()
+    # The stored shapes, as a mask keyed by leaf path, go through the one mask validator.
     shapes = read_json(path / "shapes.json")
-    paths, leaves, _ = tree_lib.flatten(like)
-    expected = {p: list(np.shape(x)) for p, x in zip(paths, leaves)}
-    if shapes != expected:
-        differing = sorted(k for k in set(shapes) | set(expected) if shapes.get(k) != expected.get(k))
-        raise ValueError(f"masks at {path} do not match the parameters; first differing leaf: {differing[0]}")
+    if not isinstance(shapes, dict):
+        raise ValueError(f"{path / 'shapes.json'} must map leaf paths to shapes, got {type(shapes).__name__}")
+    stored = {p: jax.ShapeDtypeStruct(tuple(s), np.bool_) for p, s in shapes.items()}
+    masks_lib.check_mask(like, stored, names=("parameters", f"masks at {path}"))
     packed = load_params(path / "packed")
     return masks_lib.unpack(packed, like)
 
@@ -90,3 +91,19 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"corrupted JSON artifact {path}: {err}") from err
+
+
+def _flatten_dict(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flatten_dict(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ (or exist on one side only) between two JSON-like dicts,
+    e.g. a stored artifact's settings and the current ones."""
+    a, b = _flatten_dict(old), _flatten_dict(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))

@@ -1,16 +1,23 @@
 """The toy base model: a small Llama pretrained briefly on ``cpift_jax.data.corpus``, cached.
 
-``pretrain_base(cache_dir, ...)`` trains once and stores ``base_params.npz`` (one array per leaf
-path, loaded with ``allow_pickle=False``) and ``base_meta.json`` (every setting that shaped the
-weights). A later call with the same settings loads the file; with different settings it
-raises ValueError naming the differing keys rather than returning a model trained otherwise.
-Files are written under temporary names and renamed, metadata last, so an interrupted run
-leaves no cache that looks complete.
+``cached_base(...)`` keeps one base per settings under ``$CPIFT_CACHE/toy_base/<key>``
+(``cpift_jax.cache``). The key is the hash of ``settings``: the model and tokenizer, the tasks,
+the pretraining config, the SHA-256 of the exact token rows it trains on (so a change to the
+corpus text, its sampling or the tokenizer gives a new key) and the versions of this package and
+of JAX (so a code or compiler upgrade never reuses a base trained by older code).
+
+``pretrain_base(cache_dir, ...)`` trains once into one directory and stores ``base_params.npz``
+(one array per leaf path, loaded with ``allow_pickle=False``) and ``base_meta.json`` (the
+settings). A later call with the same settings loads the file; with different settings it raises
+ValueError naming the differing keys rather than returning a model trained otherwise. Files are
+written under temporary names and renamed, metadata last, so an interrupted run leaves no cache
+that looks complete.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -21,16 +28,18 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+import cpift_jax
+from cpift_jax import cache as cache_lib
 from cpift_jax import models
 from cpift_jax import optim
 from cpift_jax.training import train as train_lib
 from cpift_jax import tree as tree_lib
-from cpift_jax.training.checkpoints import read_json, write_json
+from cpift_jax.training.checkpoints import config_diff, read_json, write_json
 from cpift_jax.data import batching, corpus
 from cpift_jax.data.tokenizer import Tokenizer
-from cpift_jax.benchmark.workdir import config_diff
 
-__all__ = ["default_config", "pretrain_base", "save_npz", "load_npz"]
+__all__ = ["default_config", "corpus_arrays", "settings", "cache_key", "cached_base",
+           "pretrain_base", "save_npz", "load_npz"]
 
 Pytree = Any
 _PARAMS, _META = "base_params.npz", "base_meta.json"
@@ -80,14 +89,50 @@ def load_npz(path: str | os.PathLike, like: Pytree) -> Pytree:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _meta(model_config, tokenizer, suite_config, config) -> dict:
+def corpus_arrays(tokenizer: Tokenizer, suite_config, config) -> dict[str, np.ndarray]:
+    """The pretraining rows (``corpus.pretrain_arrays`` with ``config``'s length, seed and task
+    share)."""
+    return corpus.pretrain_arrays(tokenizer, config.seq_len, suite_config=suite_config,
+                                  seed=config.seed, task_fraction=config.task_fraction)
+
+
+def _sha256(arrays: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def settings(model_config, tokenizer, suite_config, config, arrays) -> dict:
+    """Everything that shapes the base's weights, as JSON: model, tokenizer, tasks, pretraining
+    config, ``corpus_sha256`` of ``arrays`` (the rows it trains on) and the package and JAX
+    versions."""
     meta = {
         "model": dataclasses.asdict(model_config),
         "tokenizer": {"class": type(tokenizer).__name__, "vocab_size": tokenizer.vocab_size},
         "tasks": list(suite_config.tasks),
         "pretrain": config.to_dict(),
+        "corpus_sha256": _sha256(arrays),
+        "versions": {"cpift_jax": cpift_jax.__version__, "jax": jax.__version__},
     }
     return json.loads(json.dumps(meta, default=str))
+
+
+def cache_key(meta: dict) -> str:
+    """The cache directory name of a base with these ``settings``: a hash of all of them."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached_base(model_config: models.ModelConfig, tokenizer: Tokenizer, suite_config,
+                config=None, *, progress: bool = True) -> Pytree:
+    """``pretrain_base`` in ``$CPIFT_CACHE/toy_base/<cache_key>`` (module docstring)."""
+    config = default_config() if config is None else config
+    arrays = corpus_arrays(tokenizer, suite_config, config)
+    meta = settings(model_config, tokenizer, suite_config, config, arrays)
+    cache = cache_lib.cache_dir("toy_base") / cache_key(meta)
+    return _load_or_train(cache, model_config, config, arrays, meta, progress)
 
 
 def pretrain_base(
@@ -106,9 +151,13 @@ def pretrain_base(
     ``cache_dir/base_metrics.jsonl``.
     """
     config = default_config() if config is None else config
-    cache = Path(cache_dir)
+    arrays = corpus_arrays(tokenizer, suite_config, config)
+    meta = settings(model_config, tokenizer, suite_config, config, arrays)
+    return _load_or_train(Path(cache_dir), model_config, config, arrays, meta, progress)
+
+
+def _load_or_train(cache: Path, model_config, config, arrays, meta: dict, progress: bool):
     cache.mkdir(parents=True, exist_ok=True)
-    meta = _meta(model_config, tokenizer, suite_config, config)
     like = models.abstract_params(model_config)
     if (cache / _META).exists():
         differing = config_diff(read_json(cache / _META), meta)
@@ -120,8 +169,6 @@ def pretrain_base(
         logging.info("loading the cached base model from %s", cache / _PARAMS)
         return load_npz(cache / _PARAMS, like)
 
-    arrays = corpus.pretrain_arrays(tokenizer, config.seq_len, suite_config=suite_config,
-                                    seed=config.seed, task_fraction=config.task_fraction)
     params = models.init_params(model_config, config.seed)
     params, _ = train_lib.train(
         model_config, params, config.optimizer,

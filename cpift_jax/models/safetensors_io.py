@@ -1,4 +1,4 @@
-"""safetensors files read one tensor at a time and written one shard at a time.
+"""The safetensors format: files read one tensor at a time and written one shard at a time.
 
 The format (https://github.com/huggingface/safetensors): an 8-byte little-endian header length
 N, N bytes of JSON ``{name: {"dtype": "BF16", "shape": [...], "data_offsets": [begin, end]},
@@ -12,7 +12,11 @@ fresh array, or into a caller's reused buffer (one copy, nothing stays mapped; b
 float8 come from ``ml_dtypes``).
 Writing: every tensor's shape and dtype is known before any is computed, so each shard's header
 is written first and the tensors are appended as they arrive; no shard is ever held in memory.
-Files written here are checked against the reference reader in ``tests/test_streaming.py``.
+Shards follow the Hugging Face convention: one shard is ``model.safetensors``; more are
+``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``. Both
+``cpift_jax.models.hf.save`` and the streaming merge (``cpift_jax.streaming``, which passes
+an ``O_DIRECT`` file writer) write through ``ShardedWriter``. Files written here are checked
+against the reference reader in ``tests/test_streaming.py`` and ``tests/test_io_buffers.py``.
 """
 
 from __future__ import annotations
@@ -23,12 +27,10 @@ import math
 import os
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
-
-from cpift_jax.streaming.direct_write import SequentialWriter
 
 __all__ = [
     "TensorSpec",
@@ -42,8 +44,10 @@ __all__ = [
     "shard_file_name",
     "ShardedWriter",
     "INDEX_FILE",
+    "SINGLE_FILE",
 ]
 
+SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _MAX_HEADER = 100 * 2**20  # the reference reader's limit too
 _MAX_IO = 1 << 30  # bytes per pread call (Linux caps one call near 2 GiB)
@@ -237,7 +241,10 @@ def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[
 
 
 def shard_file_name(index: int, count: int) -> str:
-    """Hugging Face shard name, ``index`` counted from 0: model-00001-of-00003.safetensors."""
+    """Hugging Face shard name, ``index`` counted from 0: model-00001-of-00003.safetensors, or
+    model.safetensors when there is one shard."""
+    if count == 1:
+        return SINGLE_FILE
     return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
 
@@ -260,9 +267,10 @@ class ShardedWriter:
     """Writes planned shards into ``directory``, one tensor at a time, in plan order.
 
     ``write(name, array)`` appends the next tensor (its name, shape and dtype must be the
-    planned ones); ``finish()`` checks every shard is complete and writes
-    ``model.safetensors.index.json``. At most one shard file is open at a time.
-    ``direct=True`` writes around the page cache where the filesystem allows it.
+    planned ones); ``finish()`` checks every shard is complete and, for more than one shard,
+    writes ``model.safetensors.index.json``. At most one shard file is open at a time.
+    ``open_file(path)`` opens a shard for writing (an object with ``write(bytes-like)`` and
+    ``close()``); default: a buffered binary file.
     """
 
     def __init__(
@@ -270,9 +278,9 @@ class ShardedWriter:
         directory: str | os.PathLike,
         shards: Sequence[Sequence[TensorSpec]],
         metadata: Mapping[str, str] | None = None,
-        direct: bool = False,
+        open_file: Callable[[str], object] | None = None,
     ):
-        self._direct = direct  # bypass the page cache (``direct_write``)
+        self._open = open_file or (lambda path: open(path, "wb"))
         self._dir = os.fspath(directory)
         self._shards = [list(s) for s in shards]
         self._metadata = {"format": "pt", **(metadata or {})}
@@ -300,7 +308,7 @@ class ShardedWriter:
             )
         file_name = shard_file_name(shard_index, len(self._shards))
         if self._file is None:
-            self._file = SequentialWriter(os.path.join(self._dir, file_name), self._direct)
+            self._file = self._open(os.path.join(self._dir, file_name))
             self._file.write(_header_bytes(self._shards[shard_index], self._metadata))
         self._file.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
         self.weight_map[name] = file_name
@@ -311,15 +319,17 @@ class ShardedWriter:
             self._file = None
 
     def finish(self) -> dict:
-        """Writes the index once every planned tensor has been written; returns the index."""
+        """Checks every planned tensor has been written and returns the index, which is
+        written to ``INDEX_FILE`` when there is more than one shard."""
         if self._next != len(self._order):
             missing = self._order[self._next][1].name
             raise ValueError(f"{len(self._order) - self._next} planned tensors never written, "
                              f"first '{missing}'")
         index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
-        with open(os.path.join(self._dir, INDEX_FILE), "w") as f:
-            json.dump(index, f, indent=2)
-            f.write("\n")
+        if len(self._shards) > 1:
+            with open(os.path.join(self._dir, INDEX_FILE), "w") as f:
+                json.dump(index, f, indent=2)
+                f.write("\n")
         return index
 
     def close(self) -> None:
