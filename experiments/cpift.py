@@ -2,7 +2,10 @@
 
     python -m experiments.cpift --config=configs/toy.py --workdir=/tmp/toy_default
 
-A rerun with the same workdir skips completed stages; another config is refused.
+A rerun with the same workdir skips completed stages; another config is refused. The console
+shows one line per finished stage (stderr), then the verdict and the report's path (stdout); the
+full config is in <workdir>/config.json. Library logs (Orbax, JAX, absl) are shown from WARNING
+up; --verbosity=0 shows INFO, --verbosity=1 DEBUG.
 """
 
 import os
@@ -12,7 +15,9 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
                       "intra_op_parallelism_threads=1")
 
-from absl import app, flags, logging  # noqa: E402
+import time  # noqa: E402
+
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/toy.py", lock_config=True)
@@ -24,14 +29,17 @@ def main(argv):
     del argv
     import jax
 
-    from cpift_jax.benchmark import pipeline
+    from cpift_jax.benchmark import console, pipeline, report
 
-    config = _CONFIG.value
-    logging.info("config:\n%s", config)
-    logging.info("devices: %s", jax.devices())
-    results = pipeline.run(config, _WORKDIR.value)
-    logging.info("total stage time %.1f s", results["timings"]["total_s"])
-    print(os.path.join(os.path.abspath(_WORKDIR.value), "results.md"))
+    console.setup()
+    start = time.perf_counter()
+    workdir = os.path.abspath(_WORKDIR.value)
+    console.progress.info("workdir %s (its config.json holds the full config); devices: %s",
+                          workdir, ", ".join(str(d) for d in jax.devices()))
+    results = pipeline.run(_CONFIG.value, workdir)
+    console.progress.info("finished in %s", console.seconds(time.perf_counter() - start))
+    print(report.verdict(results))
+    print(f"results: {os.path.join(workdir, report.REPORT_FILE)}")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,13 @@
 
     python -m experiments.report --workdir=DIR
 
-Library: cpift_jax.benchmark.report (rerender -> write). Prints the paths written, results.md first.
+Library: cpift_jax.benchmark.report (rerender -> write). Prints the paths written, results.md
+first. A malformed results.json, or one written by another version, fails naming the file and key.
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from cpift_jax.benchmark import report
+from cpift_jax.benchmark import console, report
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "pipeline workdir holding results.json",
                                required=True)
@@ -16,7 +17,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "pipeline workdir holding result
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.info("re-rendering the report of %s", _WORKDIR.value)
+    console.setup()
     for path in report.rerender(_WORKDIR.value):
         print(path)
 

@@ -2,6 +2,10 @@
 
     python -m experiments.sweep --config=configs/toy.py:sweep --knob=suite.similarity \
         --values=0,0.25,0.5 --workdir=/tmp/toy_sweep
+
+One workdir per value under --workdir (each holds its config.json and results.md). The console
+shows one line per finished stage (stderr) and the table (stdout); --verbosity=0 shows the
+libraries' INFO logs.
 """
 
 import os
@@ -11,7 +15,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
                       "intra_op_parallelism_threads=1")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/toy.py:sweep", lock_config=True)
@@ -24,9 +28,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "root directory (one workdir per
 
 def main(argv):
     del argv
-    from cpift_jax.benchmark import sweep
+    from cpift_jax.benchmark import console, sweep
 
-    logging.info("config:\n%s", _CONFIG.value)
+    console.setup()
     rows = sweep.sweep(_CONFIG.value, _KNOB.value, sweep.parse_values(_VALUES.value),
                        _WORKDIR.value)
     print(sweep.format_table(_KNOB.value, rows))

@@ -3,7 +3,7 @@
 import pytest
 
 from configs import toy
-from cpift_jax.benchmark import pipeline
+from cpift_jax.benchmark import aggregate, pipeline
 from cpift_jax.benchmark import sweep
 
 
@@ -29,17 +29,27 @@ def test_with_knob_sets_a_copy_and_refuses_unknown_fields():
 def test_sweep_rows_and_advantage(monkeypatch, tmp_path):
     seen = []
 
+    def row(mean):
+        return aggregate.MethodRow("m", "main", "b", avg_normalized=aggregate.Stat(mean, 0.0))
+
     def fake_run(config, workdir):
         seen.append((config.suite.similarity, str(workdir)))
         s = config.suite.similarity
-        return {"methods": {"multitask_sft": {"avg_normalized": {"mean": 1.0 - s}},
-                            "cpift": {"avg_normalized": {"mean": 0.9}}}}
+        methods = {"multitask_sft": row(1.0 - s), "cpift": row(0.9)}
+        if s > 0:  # an operator that does not apply at this value: no score, no column entry
+            methods["merge_x"] = aggregate.MethodRow("x", "merge_only", "b",
+                                                     status=aggregate.NOT_APPLICABLE, reason="r")
+        else:
+            methods["merge_x"] = row(0.2)
+        return aggregate.Results(config={}, core_fraction=0.01, seeds=(0,), tasks=("t",),
+                                 chance={"t": 0.0}, normalization="", methods=methods)
 
     monkeypatch.setattr(pipeline, "run", fake_run)
     rows = sweep.sweep(toy.get_config("smoke"), "suite.similarity", [0.0, 0.5], tmp_path)
     assert [v for v, _ in seen] == [0.0, 0.5]
     assert seen[1][1].endswith("suite.similarity=0.5")
-    assert rows[0]["advantage"] == {"cpift": pytest.approx(-0.1)}
+    assert rows[0]["advantage"] == {"cpift": pytest.approx(-0.1), "merge_x": pytest.approx(-0.8)}
     assert rows[1]["advantage"] == {"cpift": pytest.approx(0.4)}
     table = sweep.format_table("suite.similarity", rows)
-    assert "| 0.5 | 0.500 | 0.900 (+0.400) |" in table
+    assert "| suite.similarity | multitask_sft | cpift | merge_x |" in table
+    assert "| 0.5 | 0.500 | 0.900 (+0.400) | n/a |" in table

@@ -8,5 +8,6 @@
 - ``report``, ``plots``: ``results.md`` and its PNG plots.
 - ``sweep``: one knob over several values, one workdir each.
 - ``workdir``: stage markers and config checks of a pipeline's working directory.
+- ``console``: what a long job prints: its own progress, library logs at WARNING.
 - ``demo``: a self-contained walk through CPI-FT on a tiny model.
 """

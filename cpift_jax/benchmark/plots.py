@@ -1,8 +1,8 @@
-"""PNG plots of a benchmark ``results`` dict (schema: ``cpift_jax.benchmark.report_schema``).
+"""PNG plots of the benchmark's results (``cpift_jax.benchmark.aggregate.Results``).
 
 Figures are built with ``matplotlib.figure.Figure`` and saved through the Agg canvas: no pyplot
-state, no display, safe to call from a headless job. Each function checks the section it draws
-(``report_schema.check_results``) and raises ``ValueError`` naming the key when it is absent.
+state, no display, safe to call from a headless job. Each function raises ``ValueError`` naming
+the section it draws when that section is absent (not run).
 
 - ``scores_by_method``: per-task exact-match scores by method (grouped bars, std over seeds as
   error bars, chance level per task as a dashed tick), plus the normalised average per method.
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cpift_jax.benchmark.report_schema import check_results, core_fraction, ordered_methods, task_order
+from cpift_jax.benchmark.aggregate import Results, Stat
 
 __all__ = ["scores_by_method", "overlap_heatmap", "core_density"]
 
@@ -40,9 +40,8 @@ def _save(fig, path: str | os.PathLike) -> str:
     return str(path)
 
 
-def _require(results: dict, section: str) -> None:
-    check_results(results)
-    if not results.get(section):
+def _require(results: Results, section: str) -> None:
+    if not getattr(results, section):
         raise ValueError(f"results has no {section!r} section; nothing to plot")
 
 
@@ -68,37 +67,36 @@ def _legend_below(fig, ax) -> None:
                fontsize="small", frameon=False)
 
 
-def _stat_arrays(stats: list[dict], scale: float) -> tuple[np.ndarray, np.ndarray]:
-    def get(s, key):
-        v = s.get(key)
-        return np.nan if v is None else v * scale
-
-    return (np.array([get(s, "mean") for s in stats], float),
-            np.nan_to_num(np.array([get(s, "std") for s in stats], float)))
+def _stat_arrays(stats: list[Stat], scale: float) -> tuple[np.ndarray, np.ndarray]:
+    return (np.array([s.mean * scale for s in stats], float),
+            np.nan_to_num(np.array([s.std * scale for s in stats], float)))
 
 
-def scores_by_method(results: dict, path: str | os.PathLike, *, block: str = "main") -> str:
-    """Per-task scores (%) and the normalised average of the methods of one block."""
+def scores_by_method(results: Results, path: str | os.PathLike, *, block: str = "main") -> str:
+    """Per-task scores (%) and the normalised average of the methods of one block (the methods
+    that do not apply to the setting have no scores and no bars)."""
     _require(results, "methods")
     # Same row order as the report's table, so bars and rows line up.
-    methods = {k: results["methods"][k] for k in ordered_methods(results, block)}
+    methods = {k: results.methods[k] for k in results.methods_in(block)
+               if results.methods[k].applicable}
     if not methods:
-        raise ValueError(f"results['methods'] has no method in block {block!r}; nothing to plot")
-    tasks = task_order(results)
-    labels = [m.get("label", k) for k, m in methods.items()]
+        raise ValueError(f"results.methods has no scored method in block {block!r}; "
+                         "nothing to plot")
+    tasks = results.tasks
+    labels = [m.label for m in methods.values()]
     fig, axes = _figure(max(8.0, 1.2 * len(tasks) * max(1, len(methods) / 4) + 4), 4.5, ncols=2,
                         width_ratios=[max(len(tasks), 1), 1 + len(methods) / 6])
-    series = {label: _stat_arrays([m["per_task"][t] for t in tasks], 100.0)
+    series = {label: _stat_arrays([m.per_task[t] for t in tasks], 100.0)
               for label, m in zip(labels, methods.values())}
     _grouped_bars(axes[0, 0], tasks, series, "exact match (%)")
-    chance = results.get("chance") or {}
+    chance = results.chance
     for i, t in enumerate(tasks):
         if t in chance:
             axes[0, 0].hlines(chance[t] * 100, i - 0.45, i + 0.45, colors="k", linestyles="--",
                               linewidth=1, label="chance" if i == 0 else None)
     axes[0, 0].set_title(f"Per-task scores ({block.replace('_', ' ')}), mean ± std over seeds")
     _legend_below(fig, axes[0, 0])
-    avg = _stat_arrays([m.get("avg_normalized") or {} for m in methods.values()], 1.0)
+    avg = _stat_arrays([m.avg_normalized for m in methods.values()], 1.0)
     ax = axes[0, 1]
     ax.bar(np.arange(len(labels)), avg[0], yerr=avg[1], capsize=2,
            color=[f"C{i}" for i in range(len(labels))])
@@ -106,16 +104,16 @@ def scores_by_method(results: dict, path: str | os.PathLike, *, block: str = "ma
     ax.set_ylabel("normalised average")
     ax.set_title("Avg. norm.")
     ax.grid(axis="y", alpha=0.3)
-    reference = (methods.get("single_task") or {}).get("avg_normalized") or {}
-    if reference.get("mean") is not None:  # the experts' own level, whatever the formula gives
-        ax.axhline(reference["mean"], color="k", linestyle=":", linewidth=1)
+    reference = methods.get("single_task")
+    if reference is not None:  # the experts' own level, whatever the formula gives
+        ax.axhline(reference.avg_normalized.mean, color="k", linestyle=":", linewidth=1)
     return _save(fig, path)
 
 
-def overlap_heatmap(results: dict, path: str | os.PathLike) -> str:
+def overlap_heatmap(results: Results, path: str | os.PathLike) -> str:
     """The Jaccard matrix |Ci ∩ Cj| / |Ci ∪ Cj| of the core regions, each value written in."""
     _require(results, "overlap")
-    tasks, matrix = results["overlap"]["tasks"], np.asarray(results["overlap"]["matrix"], float)
+    tasks, matrix = results.overlap.tasks, np.asarray(results.overlap.matrix, float)
     n = len(tasks)
     fig, axes = _figure(1.2 * n + 2.5, 1.1 * n + 1.5)
     ax = axes[0, 0]
@@ -133,30 +131,30 @@ def overlap_heatmap(results: dict, path: str | os.PathLike) -> str:
             bright = i == j or matrix[i, j] > 0.6 * vmax
             ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center",
                     color="black" if bright else "white", fontsize="small")
-    seeds = len(results["overlap"].get("per_seed", [])) or "?"
+    seeds = len(results.overlap.per_seed)
     ax.set_title(f"Core overlap (Jaccard), mean over {seeds} seeds")
     fig.colorbar(image, ax=ax, shrink=0.8, label="Jaccard (off-diagonal scale)")
     return _save(fig, path)
 
 
-def core_density(results: dict, path: str | os.PathLike) -> str:
+def core_density(results: Results, path: str | os.PathLike) -> str:
     """Share of core entries per layer and per parameter kind, one bar per task."""
     _require(results, "core_density")
-    density = results["core_density"]
+    density = results.core_density
     tasks = list(density)
-    widest = max(len({g for t in tasks for g in density[t][f]}) for f in ("by_layer", "by_kind"))
+    widest = max(len({g for t in tasks for g in getattr(density[t], f)})
+                 for f in ("by_layer", "by_kind"))
     fig, axes = _figure(min(max(11.0, 0.12 * widest * (len(tasks) + 1) + 2), 30.0), 7.0, nrows=2)
-    p = core_fraction(results.get("config", {}))
+    p = results.core_fraction
     for ax, field, title in ((axes[0, 0], "by_layer", "by layer"),
                              (axes[1, 0], "by_kind", "by parameter kind")):
-        groups = list(dict.fromkeys(g for t in tasks for g in density[t][field]))
-        series = {t: (np.array([density[t][field].get(g, np.nan) * 100 for g in groups]), None)
+        by = {t: getattr(density[t], field) for t in tasks}
+        groups = list(dict.fromkeys(g for t in tasks for g in by[t]))
+        series = {t: (np.array([by[t].get(g, np.nan) * 100 for g in groups]), None)
                   for t in tasks}
         _grouped_bars(ax, groups, series, "core entries (%)")
-        if p is not None:
-            ax.axhline(p * 100, color="k", linestyle="--", linewidth=1,
-                       label=f"core fraction p = {p * 100:g}%")
-        ax.set_title(f"Core density {title} (seed 0)"
-                     + ("" if p is not None else "; core fraction not found in config"))
+        ax.axhline(p * 100, color="k", linestyle="--", linewidth=1,
+                   label=f"core fraction p = {p * 100:g}%")
+        ax.set_title(f"Core density {title} (seed 0)")
     _legend_below(fig, axes[1, 0])
     return _save(fig, path)

@@ -1,8 +1,9 @@
 """The results report of the CPI-FT benchmark: ``results.md`` and its plots from ``results.json``.
 
-``render_markdown(results)`` is pure (dict -> str); ``write(workdir, results)`` also draws the
-plots (``cpift_jax.benchmark.plots``) under ``workdir/plots/`` and links them; ``rerender(workdir)`` does
-both from a workdir's ``results.json`` without rerunning anything.
+``render_markdown(results)`` is pure (``aggregate.Results`` -> str); ``write(workdir, results)``
+also draws the plots (``cpift_jax.benchmark.plots``) under ``workdir/plots/`` and links them;
+``rerender(workdir)`` does both from a workdir's ``results.json`` (``Results.load``) without
+rerunning anything.
 
 Sections, in order: the verdict (CPI-FT vs full multi-task SFT on the normalised average), the
 main table shaped like Table 1 of arXiv 2508.21741 (tasks, then "Avg. norm.", then the stated
@@ -10,8 +11,7 @@ budget; the best method per column in bold, the single-task experts excluded as 
 reference), the ablation and merge-only blocks with the same columns, the forgetting table shaped
 like the paper's Table 2, core overlap and groups per seed, core density, and the set-up
 (normalisation, seeds, chance levels, timings, config). A section whose data is absent says
-"(not run)"; data that is present but malformed raises ``ValueError`` naming the method or key
-(``cpift_jax.benchmark.report_schema``).
+"(not run)"; a method that does not apply to the setting shows "n/a (<reason>)".
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
 
-from cpift_jax.benchmark.report_schema import (BLOCKS, MAIN_ORDER, check_results, core_fraction, is_number,
-                                     ordered_methods, task_order)
+from cpift_jax.benchmark import console
+from cpift_jax.benchmark.aggregate import BLOCKS, MIN_EXPERT_GAP, MethodRow, Results, Stat
 
-__all__ = ["MAIN_ORDER", "NOT_RUN", "RESULTS_FILE", "REPORT_FILE", "render_markdown", "write",
-           "rerender", "verdict"]
+__all__ = ["NOT_RUN", "RESULTS_FILE", "REPORT_FILE", "render_markdown", "write", "rerender",
+           "verdict"]
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "results.md"
@@ -48,24 +47,23 @@ _PAPER_TABLE2 = ("Paper, LLaMA-2-7B: drop on A / gain on B = -24.5 / +13.4 (full
 
 # ----------------------------------------------------------------------------- formatting
 
-def _fmt(stat: dict | None, scale: float, decimals: int, sign: bool = False) -> str:
-    """``mean ± std`` of ``{"mean", "std"}`` times ``scale``; "n/a" for a missing mean."""
-    if not stat or not is_number(stat.get("mean")) or math.isnan(stat["mean"]):
+def _fmt(stat: Stat | None, scale: float, decimals: int, sign: bool = False) -> str:
+    """``mean ± std`` times ``scale``; "n/a" for a missing or NaN mean."""
+    if stat is None or math.isnan(stat.mean):
         return "n/a"
-    mean = f"{stat['mean'] * scale:{'+' if sign else ''}.{decimals}f}"
-    std = stat.get("std")
-    if not is_number(std) or math.isnan(std):
+    mean = f"{stat.mean * scale:{'+' if sign else ''}.{decimals}f}"
+    if math.isnan(stat.std):
         return mean
-    return f"{mean} ± {std * scale:.{decimals}f}"
+    return f"{mean} ± {stat.std * scale:.{decimals}f}"
 
 
-def _rounded_mean(stat: dict | None, scale: float, decimals: int) -> float | None:
-    if not stat or not is_number(stat.get("mean")) or math.isnan(stat["mean"]):
+def _rounded_mean(stat: Stat | None, scale: float, decimals: int) -> float | None:
+    if stat is None or math.isnan(stat.mean):
         return None
-    return round(stat["mean"] * scale, decimals)
+    return round(stat.mean * scale, decimals)
 
 
-def _bold_rows(stats: dict[str, dict | None], scale: float, decimals: int) -> set[str]:
+def _bold_rows(stats: dict[str, Stat | None], scale: float, decimals: int) -> set[str]:
     """Rows holding the column maximum *as displayed* (ties all bold); none if < 2 candidates."""
     shown = {k: _rounded_mean(s, scale, decimals) for k, s in stats.items()}
     shown = {k: v for k, v in shown.items() if v is not None}
@@ -84,58 +82,60 @@ def _table(header: list[str], rows: list[list[str]], text_columns: tuple[int, ..
     return "\n".join(lines)
 
 
-def _seconds(s: float) -> str:
-    return f"{s:.1f} s" + (f" ({s / 60:.1f} min)" if s >= 60 else "")
-
-
 def _pct(x: float) -> str:
     return f"{x * 100:.1f}%"
 
 
 # ----------------------------------------------------------------------------- sections
 
-def _methods_table(results: dict, block: str) -> str:
-    keys = ordered_methods(results, block)
+def _methods_table(results: Results, block: str) -> str:
+    keys = results.methods_in(block)
     if not keys:
         return NOT_RUN
-    methods, tasks = results["methods"], task_order(results)
-    candidates = [k for k in keys if k != REFERENCE_METHOD]
-    columns = [(t, lambda m, t=t: m["per_task"][t], 100.0, 1) for t in tasks]
-    columns.append(("Avg. norm.", lambda m: m.get("avg_normalized"), 1.0, 2))
-    cells = {k: [] for k in keys}
+    methods, tasks = results.methods, results.tasks
+    scored = [k for k in keys if methods[k].applicable]
+    candidates = [k for k in scored if k != REFERENCE_METHOD]
+    columns = [(t, lambda m, t=t: m.per_task[t], 100.0, 1) for t in tasks]
+    columns.append(("Avg. norm.", lambda m: m.avg_normalized, 1.0, 2))
+    # A method that does not apply: its reason in the first score column, dashes after it.
+    cells = {k: [f"n/a ({methods[k].reason})"] + ["–"] * (len(columns) - 1)
+             for k in keys if k not in scored}
+    cells.update({k: [] for k in scored})
     for _, get, scale, decimals in columns:
         bold = _bold_rows({k: get(methods[k]) for k in candidates}, scale, decimals)
-        for k in keys:
+        for k in scored:
             cell = _fmt(get(methods[k]), scale, decimals)
             cells[k].append(f"**{cell}**" if k in bold else cell)
-    rows = [[methods[k].get("label", k)] + cells[k] + [methods[k].get("budget", "not stated")]
-            for k in keys]
+    rows = [[methods[k].label] + cells[k] + [methods[k].budget] for k in keys]
     header = ["Method"] + [name for name, *_ in columns] + ["Budget"]
-    n_seeds = len(results.get("seeds", [])) or "?"
-    note = (f"Task scores: exact match in %, mean ± std over {n_seeds} seeds; Avg. norm.: see "
-            "Set-up. Bold: best per column" +
-            (f" ({methods[REFERENCE_METHOD].get('label', REFERENCE_METHOD)} excluded: it is the "
-             "reference)." if REFERENCE_METHOD in keys else "."))
+    note = (f"Task scores: exact match in %, mean ± std over {len(results.seeds)} seeds; Avg. "
+            "norm.: see Set-up. Bold: best per column" +
+            (f" ({methods[REFERENCE_METHOD].label} excluded: it is the reference)."
+             if REFERENCE_METHOD in keys else "."))
     return _table(header, rows, text_columns=(0, -1)) + "\n\n" + note
 
 
-def verdict(results: dict) -> str:
+def verdict(results: Results) -> str:
     """One line comparing CPI-FT with full multi-task SFT on the normalised average."""
-    methods = results.get("methods", {})
+    methods = results.methods
     if "cpift" not in methods or "multitask_sft" not in methods:
         return f"{NOT_RUN}: needs both 'cpift' and 'multitask_sft' in methods"
     c, m = methods["cpift"], methods["multitask_sft"]
-    cs, ms = c.get("avg_normalized"), m.get("avg_normalized")
-    if _rounded_mean(cs, 1, 9) is None or _rounded_mean(ms, 1, 9) is None:
-        return f"{NOT_RUN}: avg_normalized of 'cpift' or 'multitask_sft' is missing"
-    c_name, m_name = c.get("label", "CPI-FT"), m.get("label", "full multi-task SFT")
-    diff = cs["mean"] - ms["mean"]
+    cs, ms = c.avg_normalized, m.avg_normalized
+    undefined = [k for k, s in (("cpift", cs), ("multitask_sft", ms))
+                 if _rounded_mean(s, 1, 9) is None]
+    if undefined:
+        return (f"no verdict: the normalised average of {' and '.join(map(repr, undefined))} is "
+                f"undefined (NaN: on some seed no task's expert beat chance by {MIN_EXPERT_GAP}; "
+                "see Set-up)")
+    c_name, m_name = c.label, m.label
+    diff = cs.mean - ms.mean
     head = f"{c_name} avg {_fmt(cs, 1, 2)} vs {m_name} {_fmt(ms, 1, 2)}: "
     if round(abs(diff), 2) == 0:
         line = head + f"{c_name} and {m_name} are level (difference below 0.005)"
     else:
         line = head + f"{c_name} is {'higher' if diff > 0 else 'lower'} by {abs(diff):.2f}"
-        stds = [s["std"] for s in (cs, ms) if is_number(s.get("std"))]
+        stds = [s.std for s in (cs, ms) if not math.isnan(s.std)]
         if stds and abs(diff) <= max(stds):
             line += " (within one std over seeds)"
     wins = _seed_wins(c, m)
@@ -144,28 +144,28 @@ def verdict(results: dict) -> str:
     return line + "."
 
 
-def _seed_wins(a: dict, b: dict) -> tuple[int, int] | None:
+def _seed_wins(a: MethodRow, b: MethodRow) -> tuple[int, int] | None:
     """How many seeds ``a`` beats ``b`` on (avg_normalized), over the seeds both report."""
-    sa = {r["seed"]: r["avg_normalized"] for r in a.get("per_seed", [])}
-    sb = {r["seed"]: r["avg_normalized"] for r in b.get("per_seed", [])}
-    common = [s for s in sa if s in sb and is_number(sa[s]) and is_number(sb[s])]
+    sa = {r.seed: r.avg_normalized for r in a.per_seed}
+    sb = {r.seed: r.avg_normalized for r in b.per_seed}
+    common = [s for s in sa if s in sb and not math.isnan(sa[s]) and not math.isnan(sb[s])]
     if not common:
         return None
     return sum(sa[s] > sb[s] for s in common), len(common)
 
 
-def _forgetting(results: dict) -> str:
-    forgetting = results.get("forgetting")
-    if not forgetting or not forgetting.get("methods"):
+def _forgetting(results: Results) -> str:
+    forgetting = results.forgetting
+    if forgetting is None or not forgetting.methods:
         return NOT_RUN
-    a, b = forgetting["pair"]
-    methods = forgetting["methods"]
-    rows = {k: [m.get("label", k)] for k, m in methods.items()}
+    a, b = forgetting.pair
+    methods = forgetting.methods
+    rows = {k: [m.label] for k, m in methods.items()}
     for field in ("drop_a", "gain_b"):
         # Largest is best in both columns: a drop nearer zero, a larger gain.
-        bold = _bold_rows({k: m[field] for k, m in methods.items()}, 100.0, 1)
+        bold = _bold_rows({k: getattr(m, field) for k, m in methods.items()}, 100.0, 1)
         for k, m in methods.items():
-            cell = _fmt(m[field], 100.0, 1, sign=True)
+            cell = _fmt(getattr(m, field), 100.0, 1, sign=True)
             rows[k].append(f"**{cell}**" if k in bold else cell)
     table = _table(["Method", f"Drop on A ({a})", f"Gain on B ({b})"], list(rows.values()))
     return (f"Sequential training A → B with A = {a}, B = {b}.\n\n" + table + "\n\n"
@@ -175,20 +175,20 @@ def _forgetting(results: dict) -> str:
             + _PAPER_TABLE2)
 
 
-def _overlap_and_groups(results: dict) -> str:
+def _overlap_and_groups(results: Results) -> str:
     parts = []
-    overlap = results.get("overlap")
-    if overlap and overlap.get("matrix"):
-        tasks, matrix = overlap["tasks"], overlap["matrix"]
-        n = len(overlap.get("per_seed", [])) or "?"
+    overlap = results.overlap
+    if overlap is not None:
+        tasks, matrix = overlap.tasks, overlap.matrix
+        n = len(overlap.per_seed)
         rows = [[t] + [f"{v:.3f}" for v in row] for t, row in zip(tasks, matrix)]
         parts.append(f"Jaccard overlap |Ci ∩ Cj| / |Ci ∪ Cj| of the core regions, mean over {n} "
                      "seeds:\n\n" + _table(["Task"] + list(tasks), rows))
     else:
         parts.append(f"Overlap matrix: {NOT_RUN}")
-    per_seed = (results.get("groups") or {}).get("per_seed")
+    per_seed = results.groups
     if per_seed:
-        seeds = results.get("seeds", [])
+        seeds = results.seeds
         names = seeds if len(seeds) == len(per_seed) else [f"run {i}" for i in range(len(per_seed))]
         lines = [f"- seed {s}: " + " → ".join("{" + ", ".join(map(str, g)) + "}" for g in groups)
                  + f" ({len(groups)} group{'s' if len(groups) != 1 else ''})"
@@ -202,64 +202,61 @@ def _overlap_and_groups(results: dict) -> str:
 
 def _density_table(density: dict, field: str) -> str:
     tasks = list(density)
-    groups = list(dict.fromkeys(g for t in tasks for g in density[t][field]))
-    rows = [[t] + [f"{density[t][field][g] * 100:.2f}" if g in density[t][field] else "–"
-                   for g in groups] for t in tasks]
+    by = {t: getattr(density[t], field) for t in tasks}
+    groups = list(dict.fromkeys(g for t in tasks for g in by[t]))
+    rows = [[t] + [f"{by[t][g] * 100:.2f}" if g in by[t] else "–" for g in groups]
+            for t in tasks]
     return _table(["Task"] + [str(g) for g in groups], rows)
 
 
-def _core_density(results: dict) -> str:
-    density = results.get("core_density")
+def _core_density(results: Results) -> str:
+    density = results.core_density
     if not density:
         return NOT_RUN
-    p = core_fraction(results.get("config", {}))
-    expected = (f"the expected density under a uniform spread is the core fraction p = {_pct(p)}"
-                if p is not None else "the core fraction was not found in the config")
+    expected = ("the expected density under a uniform spread is the core fraction p = "
+                f"{_pct(results.core_fraction)}")
     return (f"Share of each group's entries that are core, in % (seed 0); {expected}.\n\n"
             "By layer:\n\n" + _density_table(density, "by_layer") +
             "\n\nBy parameter kind:\n\n" + _density_table(density, "by_kind"))
 
 
-def _setup(results: dict) -> str:
-    lines = [f"- Normalisation: {results.get('normalization', NOT_RUN + ' (not stated)')}"]
-    seeds = results.get("seeds")
+def _setup(results: Results) -> str:
+    lines = [f"- Normalisation: {results.normalization}"]
+    seeds = results.seeds
     lines.append(f"- Seeds: {', '.join(map(str, seeds))} ({len(seeds)})" if seeds
                  else f"- Seeds: {NOT_RUN}")
-    chance = results.get("chance")
+    chance = results.chance
     lines.append("- Chance level (best constant answer): "
                  + (", ".join(f"{t} {_pct(v)}" for t, v in chance.items()) if chance else NOT_RUN))
-    timings = results.get("timings")
-    if timings:
-        lines.append(f"- Total time: {_seconds(timings['total_s'])}"
-                     if is_number(timings.get("total_s")) else "- Total time: not recorded")
-        stages = timings.get("stages") or {}
+    timings = results.timings
+    if timings is not None:
+        lines.append(f"- Total time: {console.seconds(timings.total_s)}")
+        stages = timings.stages
         if stages:
             lines.append("\n" + _table(["Stage", "Time"],
-                                       [[k, _seconds(v)] for k, v in stages.items()]))
+                                       [[k, console.seconds(v)] for k, v in stages.items()]))
     else:
         lines.append(f"- Timings: {NOT_RUN}")
-    if "config" in results:
-        lines.append("\n<details><summary>Config</summary>\n\n```json\n"
-                     + json.dumps(results["config"], indent=2, sort_keys=True)
-                     + "\n```\n\n</details>")
+    lines.append("\n<details><summary>Config</summary>\n\n```json\n"
+                 + json.dumps(results.config, indent=2, sort_keys=True)
+                 + "\n```\n\n</details>")
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- document
 
-def render_markdown(results: dict, plots: dict[str, str] | None = None) -> str:
+def render_markdown(results: Results, plots: dict[str, str] | None = None) -> str:
     """The whole report as markdown. ``plots`` maps plot names (``scores_main``, ``overlap``,
     ``core_density``, ...) to paths relative to the markdown file; absent plots are not linked."""
-    check_results(results)
     plots = plots or {}
 
     def image(name: str) -> str:
         return f"\n\n![{_PLOT_TITLES.get(name, name)}]({plots[name]})" if name in plots else ""
 
-    tasks = task_order(results)
+    tasks = results.tasks
     out = ["# CPI-FT toy benchmark: results", "",
            f"Tasks: {', '.join(tasks) if tasks else NOT_RUN}. "
-           f"Seeds: {', '.join(map(str, results.get('seeds', []))) or NOT_RUN}.", "",
+           f"Seeds: {', '.join(map(str, results.seeds)) or NOT_RUN}.", "",
            "## Verdict", "", verdict(results)]
     for block in BLOCKS:
         body = _methods_table(results, block)
@@ -280,22 +277,21 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write(workdir: str | os.PathLike, results: dict) -> list[str]:
+def write(workdir: str | os.PathLike, results: Results) -> list[str]:
     """Writes ``results.md`` and ``plots/*.png`` into ``workdir``; returns the paths written."""
     from cpift_jax.benchmark import plots as plots_lib  # matplotlib only when drawing
 
-    check_results(results)
     root = Path(workdir)
     (root / "plots").mkdir(parents=True, exist_ok=True)
     drawn: dict[str, Path] = {}
     for block in BLOCKS:
-        if ordered_methods(results, block):
+        if any(results.methods[k].applicable for k in results.methods_in(block)):
             drawn[f"scores_{block}"] = root / "plots" / f"scores_{block}.png"
             plots_lib.scores_by_method(results, drawn[f"scores_{block}"], block=block)
-    if (results.get("overlap") or {}).get("matrix"):
+    if results.overlap is not None:
         drawn["overlap"] = root / "plots" / "overlap.png"
         plots_lib.overlap_heatmap(results, drawn["overlap"])
-    if results.get("core_density"):
+    if results.core_density:
         drawn["core_density"] = root / "plots" / "core_density.png"
         plots_lib.core_density(results, drawn["core_density"])
     links = {name: path.relative_to(root).as_posix() for name, path in drawn.items()}
@@ -310,10 +306,4 @@ def rerender(workdir: str | os.PathLike) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"no {RESULTS_FILE} in workdir {Path(workdir).absolute()}; "
                                 "run the pipeline first (python -m experiments.cpift)")
-    try:
-        results: Any = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"corrupted {path}: {err}") from err
-    if not isinstance(results, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(results).__name__}")
-    return write(workdir, results)
+    return write(workdir, Results.load(path))

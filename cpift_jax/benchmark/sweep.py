@@ -3,7 +3,8 @@
 ``sweep(config, knob, values, root)`` runs ``pipeline.run`` once per value, with the dotted
 config field ``knob`` (e.g. ``suite.similarity``) set to it, in ``root/<knob>=<value>`` (so a
 rerun resumes), and returns one row per value: every method's mean avg-normalised score and its
-advantage over full multi-task SFT (method minus ``multitask_sft``; positive = better).
+advantage over full multi-task SFT (method minus ``multitask_sft``; positive = better). Methods
+that do not apply to a setting (``aggregate.NOT_APPLICABLE``) have no score and are left out.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from cpift_jax.benchmark import pipeline
+from cpift_jax.benchmark import console, pipeline
 
 __all__ = ["parse_values", "with_knob", "sweep", "format_table"]
 
@@ -56,8 +57,11 @@ def sweep(config, knob: str, values: Sequence, root) -> list[dict]:
     rows = []
     for value in values:
         cfg = with_knob(config, knob, value)
-        results = pipeline.run(cfg, Path(root) / f"{knob}={value}")
-        scores = {k: m["avg_normalized"]["mean"] for k, m in results["methods"].items()}
+        workdir = Path(root) / f"{knob}={value}"
+        results = pipeline.run(cfg, workdir)
+        console.progress.info("%s = %s: done (results in %s)", knob, value,
+                              workdir / "results.md")
+        scores = {k: m.avg_normalized.mean for k, m in results.methods.items() if m.applicable}
         ref = scores.get(REFERENCE, math.nan)
         rows.append({"value": value, "scores": scores,
                      "advantage": {k: v - ref for k, v in scores.items() if k != REFERENCE}})
@@ -66,12 +70,15 @@ def sweep(config, knob: str, values: Sequence, root) -> list[dict]:
 
 def format_table(knob: str, rows: list[dict]) -> str:
     """Markdown: one row per value; cells ``score (advantage over multi-task SFT)``."""
-    methods = list(rows[0]["scores"])
+    methods = list(dict.fromkeys(m for row in rows for m in row["scores"]))
     lines = [f"| {knob} | " + " | ".join(methods) + " |",
              "|--:|" + "--:|" * len(methods)]
     for row in rows:
         cells = []
         for m in methods:
+            if m not in row["scores"]:  # not applicable at this value
+                cells.append("n/a")
+                continue
             cell = f"{row['scores'][m]:.3f}"
             if m in row["advantage"]:
                 cell += f" ({row['advantage'][m]:+.3f})"

@@ -112,7 +112,8 @@ def train(
         ``loss`` / ``grad_norm`` / ``tokens`` (means over the steps since the last record),
         ``learning_rate``, ``elapsed_s``, and ``eval`` (``{name: score}``) when evaluated.
       log_every: steps per record; the last step is always recorded.
-      progress: a tqdm bar on stderr; evaluations are also logged with absl.
+      progress: a tqdm bar on stderr when it is a terminal (erased when the loop ends);
+        evaluations are also logged with absl.
 
     The result depends only on the inputs: same params, batches and configs give the same bits.
     """
@@ -132,8 +133,10 @@ def train(
     window: list[dict] = []
     sink = open(metrics_path, "w") if metrics_path is not None else None
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc=description, file=sys.stderr, disable=not progress,
-               dynamic_ncols=True)
+    # disable=None: drawn only when stderr is a terminal, so a log file gets no bar frames;
+    # leave=False: a finished loop's bar is erased (the caller reports the finished stage).
+    bar = tqdm(total=steps, desc=description, file=sys.stderr, disable=None if progress else True,
+               leave=False, dynamic_ncols=True)
     try:
         for step in range(1, steps + 1):
             params, opt_state, metrics = step_fn(params, opt_state, next(batches))
