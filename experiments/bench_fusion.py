@@ -14,9 +14,11 @@ time is the median over ``--repeats`` rounds (the NumPy baseline, ~20x slower, o
 seconds apart: the bandwidth row also gives the range of the per-round ratios, which shows how
 much the shared machine moved during the run. The "cpu ms" column is this process's CPU time
 (all threads) for the same rounds: when other processes share the cores, wall time includes
-waiting for a core and the CPU time shows the work itself.
+waiting for a core and the CPU time shows the work itself. ``--json_out=PATH`` also writes every
+round's times, the medians, the verdicts and the agreement checks as JSON.
 """
 
+import json
 import os
 import resource
 import time
@@ -34,6 +36,7 @@ _FRACTION = flags.DEFINE_float("core_fraction", 0.01, "core mask density")
 _REPEATS = flags.DEFINE_integer("repeats", 11, "timed rounds after one warm-up round")
 _NUMPY_REPEATS = flags.DEFINE_integer("numpy_repeats", 3, "timed rounds of the NumPy baseline (at most --repeats)")
 _OVERLAP = flags.DEFINE_enum("overlap", "max_delta", list(fusion.OVERLAP_RULES), "overlap rule")
+_JSON_OUT = flags.DEFINE_string("json_out", "", "also write the measured rows and checks here")
 
 TARGETS = {"bandwidth": 0.70, "numpy": 4.0, "threshold": 2.0}
 
@@ -166,12 +169,24 @@ def main(argv):
     for name, label, rate, ratio, ok in rows:
         verdict = "" if ok is None else ("PASS" if ok else "FAIL")
         print(f"{label:<32} {med[name] * 1e3:>10.1f} {med_cpu[name] * 1e3:>8.1f} {rate:>12}  {ratio} {verdict}")
+    numpy_rounds = min(_NUMPY_REPEATS.value, _REPEATS.value)
+    thresholds_equal = (float(results["threshold (masks)"])
+                        == float(results["threshold (np.partition)"]))
     print(f"\nfirst round (includes compilation): fusion {first['fusion (ours)']:.2f} s, "
           f"threshold {first['threshold (masks)']:.2f} s; median rounds {_REPEATS.value} "
-          f"(NumPy baseline {min(_NUMPY_REPEATS.value, _REPEATS.value)})")
-    print(f"max |ours - numpy| = {err:.2e}; thresholds equal: "
-          f"{float(results['threshold (masks)']) == float(results['threshold (np.partition)'])}")
+          f"(NumPy baseline {numpy_rounds})")
+    print(f"max |ours - numpy| = {err:.2e}; thresholds equal: {thresholds_equal}")
     print(f"report: {results['fusion (ours)'][1]}")
+    if _JSON_OUT.value:
+        # Per round, the warm-up round (compilation included) first; medians skip it.
+        measured = [{"name": name, "label": label, "seconds": times[name],
+                     "cpu_seconds": cpu_times[name], "median_s": med[name], "passed": ok}
+                    for name, label, _, _, ok in rows]
+        with open(_JSON_OUT.value, "w") as f:
+            json.dump({"params": n_params, "leaves": len(shapes), "counted_bytes": counted,
+                       "repeats": _REPEATS.value, "numpy_repeats": numpy_rounds,
+                       "rows": measured, "bandwidth_ratio_per_round": paired,
+                       "max_abs_diff": err, "thresholds_equal": thresholds_equal}, f, indent=2)
 
 
 if __name__ == "__main__":

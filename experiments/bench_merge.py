@@ -23,12 +23,11 @@ Recipes: linear = equal-weight mean of the 3 models; slerp = models 0 and 1 (mer
 takes exactly two) with the layer-gradient t of configs/merge/slerp.py; ties = base + 3 models,
 density 0.5, weights 1, lambda 1. Targets: our peak RSS <= mergekit's, our wall time <= 0.5x,
 max |diff| at float32 rounding (``--tolerance``, relative to the largest |weight|).
-Known semantic differences: TIES keeps round(density * n) entries per tensor, mergekit
-max(1, int(density * n)) (equal here: every n is even); entries whose |delta| equals the
-threshold are all kept by us, while mergekit's argsort keeps exactly k of them in an
-unspecified order. Float32 deltas of millions of entries do repeat values, so on this data a
-handful of embedding / head entries (7 of 8M at 8M parameters) differ by one model's delta
-(~1e-3): counted in the "entries differing" column, not rounding. A tied sign vote merges to
+Known semantic differences: both keep floor(density * n) entries per tensor (mergekit at least
+one); where several entries' |delta| equals the threshold we keep the earliest ones in
+row-major order, mergekit's argsort an unspecified subset, so a handful of embedding / head
+entries can differ by one model's delta (~1e-3): counted in the "entries differing" column,
+not rounding. A tied sign vote merges to
 the base with us, mergekit elects + (no effect: the disjoint mean is then over nobody).
 Our SLERP accumulates <a, b> in float32 as row sums then a sum, mergekit as one torch sum
 (rounding only).
@@ -48,7 +47,7 @@ import numpy as np
 from absl import app, flags
 
 from cpift_jax.streaming import checkpoint_io as ckpt_lib
-from cpift_jax.streaming import safetensors_io as st
+from cpift_jax.models import safetensors_io as st
 
 _PARAMS = flags.DEFINE_float("params", 1e9, "parameters per synthetic model")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "checkpoint dtype")
@@ -214,15 +213,13 @@ def measure(command: list[str], log: str) -> tuple[float, float]:
     return wall, usage.ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
 
 
-# Differences kept for the final count before they are re-filtered (float64: 128 MiB).
-_CANDIDATES_MAX = 1 << 24
-
-
-def max_difference(ours: str, theirs: str, tolerance: float) -> tuple[float, float, int]:
+def max_difference(ours: str, theirs: str, tolerance: float, *,
+                   max_candidates: int = 1 << 24) -> tuple[float, float, int]:
     """(max |ours - theirs|, max |ours|, entries differing by more than tolerance x max |ours|)
     over all tensors, in float64, reading each output once: the threshold only grows with the
     running max |ours|, so the differences above the running threshold are a superset of those
-    counted at the end. Outputs that differ almost everywhere are counted in a second read."""
+    counted at the end. At most ``max_candidates`` differences are kept (float64: 128 MiB by
+    default); outputs that differ in more entries than that are counted in a second read."""
     a, b = ckpt_lib.open_checkpoint(ours), ckpt_lib.open_checkpoint(theirs)
 
     def pairs():
@@ -241,10 +238,10 @@ def max_difference(ours: str, theirs: str, tolerance: float) -> tuple[float, flo
             diff = max(diff, float(d.max(initial=0.0)))
             if candidates is not None:
                 candidates.append(d[d > tolerance * scale])
-                if sum(c.size for c in candidates) > _CANDIDATES_MAX:  # re-filter at today's scale
+                if sum(c.size for c in candidates) > max_candidates:  # re-filter at today's scale
                     kept = np.concatenate(candidates)
                     kept = kept[kept > tolerance * scale]
-                    candidates = [kept] if kept.size <= _CANDIDATES_MAX else None  # None: second read
+                    candidates = [kept] if kept.size <= max_candidates else None  # None: second read
         if candidates is None:
             return diff, scale, sum(int((d > tolerance * scale).sum()) for _, d in pairs())
         return diff, scale, int(sum((c > tolerance * scale).sum() for c in candidates))

@@ -31,8 +31,22 @@ def test_max_difference_of_equal_outputs_is_zero(tmp_path):
     assert (diff, scale, count) == (0.0, 4.0, 0)
 
 
-def test_max_difference_counts_in_a_second_read_when_most_entries_differ(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench_merge, "_CANDIDATES_MAX", 3)
+def test_max_difference_counts_in_a_second_read_when_most_entries_differ(tmp_path):
+    # Five differing entries, at most three kept: the count comes from the second read.
     ours = write(tmp_path / "ours", {"a": [1.0, 2.0, 3.0], "b": [4.0, 5.0, 6.0]})
     theirs = write(tmp_path / "theirs", {"a": [1.5, 2.5, 3.0], "b": [4.5, 5.5, 6.5]})
-    assert bench_merge.max_difference(ours, theirs, tolerance=1e-5) == (0.5, 6.0, 5)
+    for max_candidates in (3, 1 << 24):
+        assert bench_merge.max_difference(ours, theirs, tolerance=1e-5,
+                                          max_candidates=max_candidates) == (0.5, 6.0, 5)
+
+
+def test_max_difference_refilters_kept_candidates_at_the_grown_scale(tmp_path):
+    # After "a" (max |w| 0.2) its three differences are candidates; "b" raises the scale to 10
+    # and adds a fourth, over the cap of 3: re-filtered at 10 x tolerance, only b's stays.
+    ours = write(tmp_path / "ours", {"a": [0.1, 0.2, 0.15], "b": [10.0, 0.0]})
+    theirs = write(tmp_path / "theirs", {"a": [0.1 + 5e-5, 0.2 + 5e-5, 0.15 + 5e-5],
+                                         "b": [10.01, 0.0]})
+    diff, scale, count = bench_merge.max_difference(ours, theirs, tolerance=1e-5,
+                                                    max_candidates=3)
+    assert (scale, count) == (10.0, 1)
+    np.testing.assert_allclose(diff, np.float32(10.01) - np.float32(10.0), rtol=1e-6)

@@ -13,6 +13,7 @@ from cpift_jax.benchmark import demo
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_demo_binary_runs_and_its_checks_pass():
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
     proc = subprocess.run(
@@ -30,6 +31,7 @@ def test_demo_binary_runs_and_its_checks_pass():
     assert "config:" in proc.stderr and "devices:" in proc.stderr  # logged, not printed
 
 
+@pytest.mark.slow
 def test_demo_checks_can_fail():
     # At tau = 0.99 the planted pairs (Jaccard ~0.97) are no longer linked: four singletons.
     config = demo_config.get_config()

@@ -1,4 +1,7 @@
-"""KV-cache generation: identical tokens to cache-free generation, per-row lengths, EOS."""
+"""KV-cache generation: identical tokens to cache-free generation, per-row lengths, EOS.
+
+Each generation test compiles the prefill and the decode loop for its config (seconds each), so
+they are ``slow``: the fast tier keeps the argument checks (test_train evaluates with generate)."""
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +29,7 @@ def _params(config):
     return jax.tree.map(lambda x: x * 10 if x.ndim == 2 else x, models.init_params(config, 0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_cache_gives_exactly_the_tokens_of_no_cache_greedy(name):
     config = CONFIGS[name]
@@ -39,6 +43,7 @@ def test_cache_gives_exactly_the_tokens_of_no_cache_greedy(name):
     np.testing.assert_array_equal(cached[:, 0], jnp.argmax(logits[jnp.arange(3), LENGTHS - 1], -1))
 
 
+@pytest.mark.slow
 def test_cache_gives_exactly_the_tokens_of_no_cache_sampled():
     config = CONFIGS["llama_gqa"]
     params = models.init_params(config, 1)  # small weights: flat distributions, real sampling
@@ -52,6 +57,7 @@ def test_cache_gives_exactly_the_tokens_of_no_cache_sampled():
     assert not np.array_equal(cached, greedy)
 
 
+@pytest.mark.slow
 def test_each_row_is_generated_as_if_alone():
     config = CONFIGS["mistral_window"]
     params = _params(config)
@@ -62,6 +68,7 @@ def test_each_row_is_generated_as_if_alone():
         np.testing.assert_array_equal(batch[row], alone[0])
 
 
+@pytest.mark.slow
 def test_eos_stops_a_row_and_fills_the_rest():
     config = CONFIGS["llama_gqa"]
     params = _params(config)

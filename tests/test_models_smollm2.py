@@ -51,6 +51,7 @@ def chat_ids(smol):
     return tokenizer(text, return_tensors="np")["input_ids"]
 
 
+@pytest.mark.slow
 def test_smollm2_config_and_parameter_count(smol):
     config, params, _ = smol
     assert (config.model_type, config.num_hidden_layers, config.hidden_size) == ("llama", 30, 576)
@@ -60,6 +61,7 @@ def test_smollm2_config_and_parameter_count(smol):
     assert 134e6 < sum(x.size for x in jax.tree.leaves(params)) < 136e6
 
 
+@pytest.mark.slow
 def test_config_and_tokenizer_without_the_weights_equal_load(smol):
     config, tokenizer = smollm2.load_config_and_tokenizer()
     assert config == smol[0]
@@ -67,6 +69,7 @@ def test_config_and_tokenizer_without_the_weights_equal_load(smol):
     assert tokenizer(text)["input_ids"] == smol[2](text)["input_ids"]
 
 
+@pytest.mark.slow
 def test_tokenizer_round_trip_and_special_tokens(smol):
     config, _, tokenizer = smol
     text = "Gravity bends light; 3.14159 ≈ π, naïve café.\n  Indented line."
@@ -77,6 +80,7 @@ def test_tokenizer_round_trip_and_special_tokens(smol):
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") == 2 and config.eos_token_ids == (2,)
 
 
+@pytest.mark.slow
 def test_logits_match_transformers(smol, torch_ref):
     import torch
 
@@ -91,6 +95,7 @@ def test_logits_match_transformers(smol, torch_ref):
     np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1))
 
 
+@pytest.mark.slow
 def test_greedy_chat_completion_matches_transformers_generate(smol, torch_ref, chat_ids):
     import torch
 

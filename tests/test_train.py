@@ -176,6 +176,7 @@ def test_evaluate_with_the_real_model_matches_predict():
     assert fn(params) == {**scores, "mean": scores["logic"]}
 
 
+@pytest.mark.slow
 def test_pretrain_base_is_cached(tmp_path):
     config = pretrain.default_config()
     config.steps, config.batch_size, config.seq_len = 3, 4, 32
