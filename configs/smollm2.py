@@ -4,14 +4,12 @@ Command (needs the converted model: ``python -m cpift_jax.models.smollm2 --fetch
 
     python -m experiments.cpift --config=configs/smollm2.py --workdir=/tmp/smollm2_smoke
 
-It runs every stage of ``configs/toy.py`` (base, probes/experts, cores, overlap and clusters,
+Runs every stage of ``configs/toy.py`` (base, probes/experts, cores, overlap and clusters,
 fusion, pipeline SFT, the baselines and the forgetting pair) with one seed and 2 optimizer steps
-per expert, so it checks that the pipeline works on a real 135M-parameter checkpoint with a BPE
-tokenizer (``HFTokenizer``: tags are spelled, e.g. ``<arith>``); the scores of so short a run
-mean nothing (all 0 with 2 steps). Measured cost on the shared 2-core CPU: 34.6 minutes for the
-whole run (experts 6.5 min, the core-mask stage 10 min, most of it one slow XLA compile of the
-threshold-selection kernel for 135M entries, each baseline 2-4 min) and 2.7 GB of Orbax
-checkpoints in the workdir; peak memory about 7.5 GB.
+per expert: a check that the pipeline works on a real 135M-parameter checkpoint with a BPE
+tokenizer (``HFTokenizer``: tags are spelled, e.g. ``<arith>``). The scores of so short a run
+mean nothing. Expected cost on a 2-core CPU: about 35 minutes, 2.7 GB of Orbax checkpoints in
+the workdir, about 7.5 GB peak memory. Results go to ``<workdir>/results.md``.
 """
 
 import ml_collections
