@@ -6,6 +6,7 @@ import concurrent.futures
 import functools
 import logging
 import os
+import threading
 
 import jax
 import numpy as np
@@ -37,13 +38,22 @@ def thread_pool() -> concurrent.futures.ThreadPoolExecutor:
 _REDUCTION_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 
-@functools.cache
+_PROBE_LOCK = threading.Lock()
+
+
 def reduction_compiler_options(platform: str) -> dict:
     """Compiler options for a reduction-dominated program on ``platform``: the classic XLA:CPU
     emitter on CPU if this XLA compiles a tiny program with it (an XLA that no longer knows the
-    option refuses it), else none. Checked once per process, at first use."""
+    option refuses it), else none. Checked once per process, at first use (fusion's pass-1
+    threads may ask at the same time, hence the lock)."""
     if platform != "cpu":
         return {}
+    with _PROBE_LOCK:
+        return dict(_probe_reduction_options())
+
+
+@functools.cache
+def _probe_reduction_options() -> dict:
     probe = jax.device_put(np.zeros(1, np.float32), jax.devices("cpu")[0])
     try:
         jax.jit(lambda x: x + 1, compiler_options=_REDUCTION_OPTIONS).lower(probe).compile()
