@@ -13,6 +13,7 @@ it is re-exported here as ``masks.threshold``.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Hashable, Sequence
@@ -21,7 +22,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
+from cpift_jax import select_xla
 from cpift_jax import tree as tree_lib
 from cpift_jax.select import NonFiniteScores, TopK, count_for_fraction, selected, threshold
 from cpift_jax.select import top_k as select_top_k
@@ -98,7 +101,72 @@ def _leaf_masks(top: TopK, pairs: list[tuple]) -> list[jax.Array]:
     return [_leaf_core_jit(b, t, *top.leaf_cut(j)) for j, (b, t) in enumerate(pairs)]
 
 
-def _top_k(paths: list[str], pairs: list[tuple], k: int) -> list[jax.Array]:
+def _sharded_mesh(paths: list[str], pairs: list[tuple]):
+    """The mesh when the leaves are ``jax.Array``s sharded over several devices, else None.
+
+    Then every eligible base and tuned leaf must carry the same ``NamedSharding`` on one mesh.
+    """
+    def spans(x):
+        return (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+                and len(x.sharding.device_set) > 1)
+
+    if not any(spans(x) for pair in pairs for x in pair):
+        return None
+    mesh = None
+    for path, (b, t) in zip(paths, pairs):
+        for name, x in (("base", b), ("tuned", t)):
+            if (not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer)
+                    or not isinstance(x.sharding, NamedSharding)):
+                raise ValueError(f"core_mask: leaf '{path}': {name} is not a jax.Array with a "
+                                 f"NamedSharding, while other leaves are sharded over a mesh")
+        if b.sharding != t.sharding:
+            raise ValueError(f"core_mask: leaf '{path}': base has sharding {b.sharding}, tuned "
+                             f"has {t.sharding}; expected the same")
+        if mesh is None:
+            mesh = b.sharding.mesh
+        elif b.sharding.mesh != mesh:
+            raise ValueError(f"core_mask: leaf '{path}' lives on mesh {b.sharding.mesh}, other "
+                             f"leaves on {mesh}; expected one mesh")
+    return mesh
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_program(mesh, specs: tuple, layouts: tuple, k: int, paths: tuple):
+    """One compiled ``shard_map`` program: exact top-k masks of ``|tuned - base|``, each shard
+    counted where it lives and histograms ``psum``-ed over the axes its leaf is sharded on."""
+
+    def body(bases, tuneds):
+        _, chosen, non_finite = select_xla.top_k_masks(list(zip(bases, tuneds)), k,
+                                                       list(layouts), paths)
+        return chosen, non_finite
+
+    specs = list(specs)
+    replicated = [PartitionSpec()] * len(specs)
+    # out_shardings: the masks carry the parameters' NamedShardings as given (shard_map alone
+    # would report an equivalent, simplified spec, e.g. without size-1 axes).
+    out_shardings = tuple([NamedSharding(mesh, s) for s in p] for p in (specs, replicated))
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(specs, specs),
+                                 out_specs=(specs, replicated)), out_shardings=out_shardings)
+
+
+def _sharded_top_k(mesh, paths: list[str], pairs: list[tuple], k: int) -> list[jax.Array]:
+    """Core masks of sharded leaves, computed on their devices; masks keep the leaves' shardings."""
+    if k == 0:
+        return [jnp.zeros(b.shape, bool, device=b.sharding) for b, _ in pairs]
+    specs = tuple(b.sharding.spec for b, _ in pairs)
+    layouts = tuple(select_xla.LeafLayout.from_spec(b.shape, spec)
+                    for (b, _), spec in zip(pairs, specs))
+    program = _sharded_program(mesh, specs, layouts, k, tuple(paths))
+    chosen, non_finite = program([b for b, _ in pairs], [t for _, t in pairs])
+    for path, bad in zip(paths, non_finite):
+        if bool(bad):
+            raise ValueError(f"core_mask: leaf '{path}': |tuned - base| has NaN or Inf entries")
+    return list(chosen)
+
+
+def _top_k(paths: list[str], pairs: list[tuple], k: int, mesh=None) -> list[jax.Array]:
+    if mesh is not None:
+        return _sharded_top_k(mesh, paths, pairs, k)
     try:
         top = select_top_k(pairs, k, finite=True)
     except NonFiniteScores as err:
@@ -137,6 +205,11 @@ def core_mask(
         include pattern matches (all leaves if ``include`` is None) and no exclude pattern
         does; ineligible leaves get all-False masks and do not count in D.
 
+    Sharded models: when the leaves are ``jax.Array``s spanning several devices (each with a
+    ``NamedSharding`` on one mesh, base and tuned alike), the masks are computed where the
+    shards live (``select_xla.top_k_masks`` under ``shard_map``: exact counts at any size, no
+    host gather) and come back with the parameters' shardings; same masks as one device.
+
     Returns:
       A bool pytree with the structure of ``base``.
 
@@ -163,13 +236,19 @@ def core_mask(
     index = [i for i, ok in enumerate(eligible) if ok]
     pairs = [(base_leaves[i], tuned_leaves[i]) for i in index]
     names = [paths[i] for i in index]
+    mesh = _sharded_mesh(names, pairs)
     if scope == "global":
         total = sum(int(np.size(b)) for b, _ in pairs)
-        chosen = _top_k(names, pairs, core_count(fraction, total))
+        chosen = _top_k(names, pairs, core_count(fraction, total), mesh)
     else:
-        chosen = [_top_k([name], [pair], core_count(fraction, int(np.size(pair[0]))))[0]
+        chosen = [_top_k([name], [pair], core_count(fraction, int(np.size(pair[0]))), mesh)[0]
                   for name, pair in zip(names, pairs)]
-    out = [jnp.zeros(np.shape(leaf), bool) for leaf in base_leaves]
+
+    def no_core(leaf):  # sharded like its parameter where it has a sharding
+        sharding = getattr(leaf, "sharding", None) if mesh is not None else None
+        return jnp.zeros(np.shape(leaf), bool, device=sharding)
+
+    out = [no_core(leaf) for leaf in base_leaves]
     for i, mask in zip(index, chosen):
         out[i] = mask
     return jax.tree_util.tree_unflatten(treedef, out)

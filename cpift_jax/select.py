@@ -12,7 +12,9 @@ partitions or top-k's the whole input:
   its sizes. Measured on the 2-core dev CPU: about 3x faster than ``np.partition`` on 100M
   scores (``experiments/bench_fusion.py``).
 * ``xla`` (``cpift_jax.select_xla``; under ``jit``, inside ``shard_map``, on accelerators):
-  radix select on two 16-bit digits, chunked, with ``psum``-ed histograms over ``axis_name``.
+  radix select on two 16-bit digits, chunked, with ``psum``-ed histograms over ``axis_name``;
+  counts are int32 per leaf shard and exact in two 16-bit limbs across shards and leaves, so
+  any model size works (a leaf shard stays below 2^31 entries).
 
 Top-k rule (``top_k``, the one rule of every top-p selection): exactly k entries, all above v,
 then the entries equal to v earliest first (leaf order, then row-major); ``count_for_fraction``
@@ -76,8 +78,12 @@ def threshold(scores: Pytree, k: int, *, method: str = "auto", axis_name=None,
       scores: pytree (dict, list, nnx.State) of non-negative float arrays.
       k: Python int, ``1 <= k <= total number of entries`` (static under ``jit``).
       method: "auto" (host path for concrete CPU arrays, else xla), "host" or "xla".
-      axis_name: inside ``shard_map``, the mesh axis over which ``scores`` are sharded: the
-        histograms are ``psum``-ed and k counts over all shards (not range-checked then).
+      axis_name: inside ``shard_map``, the mesh axes over which ``scores`` are sharded: a
+        mesh axis name, a tuple of them (a leaf split over several axes), or a list with one
+        such entry (or None) per leaf in flatten order. Each leaf's histograms are ``psum``-ed
+        over exactly its axes, so pass only the axes a leaf is sharded on: a copy replicated
+        over an axis is then counted once (with ``check_vma=True`` a mismatch with the axes a
+        leaf varies over raises). k counts over all shards (not range-checked then).
       host_passes: sizes of the host path's passes (None: ``HostPasses()``); the result does
         not depend on them.
 
@@ -106,9 +112,11 @@ def threshold(scores: Pytree, k: int, *, method: str = "auto", axis_name=None,
         if axis_name is not None or not _on_host(leaves):
             raise ValueError("threshold: method='host' needs concrete CPU arrays and no axis_name")
         return jnp.asarray(select_host.host_threshold(paths, leaves, k, passes))
-    if total >= 2**31:
-        raise ValueError(f"threshold: the xla path counts in int32; {total} scores is too many")
-    return select_xla.kth_largest_jit(list(leaves), k, axis_name)
+    # Counts are exact at any total (select_xla: int32 per leaf shard, two limbs across);
+    # kth_largest refuses a leaf shard of 2^31 entries or more, naming it.
+    if axis_name is None:
+        return select_xla.kth_largest_jit(list(leaves), k, None, tuple(paths))
+    return select_xla.kth_largest(list(leaves), k, axis_name, tuple(paths))
 
 
 # ------------------------------------------------------------------------------ exact top-k

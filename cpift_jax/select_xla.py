@@ -1,4 +1,5 @@
-"""The k-th largest float32 value under ``jit``: radix select on two 16-bit digits, shardable.
+"""The k-th largest float32 value and exact top-k masks under ``jit`` and ``shard_map``: radix
+select on two 16-bit digits, with counts that cannot overflow.
 
 For non-negative float32 values the uint32 pattern is monotone in the value; write it as
 ``hi * 2^16 + lo`` with 16-bit digits. Pass 1 histograms the high digits, ``h1[d]``; the
@@ -7,14 +8,33 @@ among the entries with that digit is ``k' = k - sum_{d' > d} h1[d']``. Pass 2 hi
 low digits of those entries and picks the low digit by the same rule with ``k'``. Exact, two
 reads of the data, no sort.
 
+Counting at any size. Each leaf shard is counted in int32 (so a leaf shard holds fewer than
+2^31 entries, checked at trace time). Every count that crosses leaves or shards is a ``Count``:
+two uint32 limbs ``hi * 2^16 + lo`` with ``lo < 2^16``. Before a ``psum`` each shard's ``lo``
+is below 2^16, so the summed ``lo`` stays below 2^31 for up to 2^15 shards, and the summed
+``hi`` is the global count over 2^16; after it the carry ``lo >> 16`` moves into ``hi``.
+Suffix sums over the 2^16 bins stay below 2^32 in ``lo`` and ``hi``. Exact for fewer than
+2^47 entries in all (a 7B model has 2^32.6) and ``k`` given as a Python int split at trace
+time. No ``jax_enable_x64`` needed.
+
+Sharded leaves (inside ``shard_map``): each leaf's histograms are ``psum``-ed over exactly the
+mesh axes that leaf is sharded on (``axes``; leaves with the same axes share one ``psum``), so
+a copy replicated over another axis is counted once. Loop carries are cast to the leaf's
+varying axes, so the default ``check_vma=True`` holds.
+
 Scatter-adds run over 64k-entry chunks in a ``fori_loop`` so no leaf-sized temporary is
-written. With ``axis_name`` each histogram is ``psum``-ed, so a model sharded over a 1-D mesh
-is ranked globally. On CPU this is slower than ``np.partition`` (XLA CPU scatter costs ~1 ns
-per entry); it exists for jit-compatibility, accelerators and sharding. -0.0 counts as 0;
-NaN or negative scores make the result NaN (no exception can be raised under ``jit``).
+written. A source is an array of scores or a pair ``(a, b)`` standing for ``|b - a|`` in
+float32, computed chunk by chunk. On CPU this is slower than ``np.partition`` (XLA CPU scatter
+costs ~1 ns per entry); it exists for jit-compatibility, accelerators and sharding. -0.0
+counts as 0; NaN or negative scores make the result NaN (no exception can be raised under
+``jit``).
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,36 +42,212 @@ from jax import lax
 
 from cpift_jax.select_host import INF_BITS, NEG_ZERO_BITS
 
-__all__ = ["kth_largest", "kth_largest_jit", "count_above_and_equal"]
+__all__ = ["Count", "LeafLayout", "count_of", "count_const", "count_add", "count_sub",
+           "count_ge", "count_psum", "pick_digit", "leaf_axes", "kth_largest", "kth_largest_jit",
+           "top_k_masks", "count_above_and_equal", "SHARD_LIMIT", "MAX_SHARDS"]
 
 _CHUNK = 1 << 16  # entries per fori_loop step
+_BINS = 1 << 16  # one histogram bin per 16-bit digit; index _BINS is dropped
+SHARD_LIMIT = 2**31  # entries of one leaf shard (counted in int32)
+MAX_SHARDS = 2**15  # shards one psum may combine (lo limbs < 2^16 each)
+_LIMB = jnp.uint32(0xFFFF)
 
 
-def _jnp_bits(x: jax.Array) -> jax.Array:
-    """uint32 patterns in float32, -0.0 mapped to +0.0."""
-    bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
-    return jnp.where(bits == jnp.uint32(NEG_ZERO_BITS), jnp.uint32(0), bits)
+# ------------------------------------------------------------------------- counts in two limbs
 
 
-def _fold_chunks(x: jax.Array, step, init):
-    """``step(acc, float32_chunk)`` over the flattened leaf in ``_CHUNK``-entry slices.
+class Count(NamedTuple):
+    """An exact non-negative count ``hi * 2^16 + lo`` (uint32 arrays, ``lo < 2^16``)."""
+
+    hi: jax.Array
+    lo: jax.Array
+
+
+def _carry(hi: jax.Array, lo: jax.Array) -> Count:
+    return Count(hi + (lo >> 16), lo & _LIMB)
+
+
+def count_of(x: jax.Array) -> Count:
+    """A ``Count`` from non-negative int32 counts."""
+    x = x.astype(jnp.uint32)
+    return Count(x >> 16, x & _LIMB)
+
+
+def count_const(k: int) -> Count:
+    """A ``Count`` from a Python int, split at trace time (``0 <= k < 2^48``)."""
+    if not 0 <= k < 2**48:
+        raise ValueError(f"count_const: {k} is outside [0, 2^48)")
+    return Count(jnp.uint32(k >> 16), jnp.uint32(k & 0xFFFF))
+
+
+def count_add(a: Count, b: Count) -> Count:
+    return _carry(a.hi + b.hi, a.lo + b.lo)
+
+
+def count_sub(a: Count, b: Count) -> Count:
+    """``a - b`` for ``a >= b`` (borrow from ``hi`` when ``a.lo < b.lo``)."""
+    borrow = a.lo < b.lo
+    lo = jnp.where(borrow, a.lo + jnp.uint32(1 << 16), a.lo) - b.lo
+    return Count(a.hi - b.hi - borrow.astype(jnp.uint32), lo)
+
+
+def count_ge(a: Count, b: Count) -> jax.Array:
+    return (a.hi > b.hi) | ((a.hi == b.hi) & (a.lo >= b.lo))
+
+
+def _count_where(pred, a: Count, b: Count) -> Count:
+    return Count(jnp.where(pred, a.hi, b.hi), jnp.where(pred, a.lo, b.lo))
+
+
+def _count_index(c: Count, i) -> Count:
+    return Count(c.hi[i], c.lo[i])
+
+
+def _count_nonzero(c: Count) -> jax.Array:
+    return (c.hi | c.lo) > 0
+
+
+def count_psum(c: Count, axes: tuple) -> Count:
+    """``c`` summed over the shards of mesh ``axes`` (none: unchanged), carries normalised."""
+    if not axes:
+        return c
+    shards = math.prod(lax.axis_size(a) for a in axes)
+    if shards > MAX_SHARDS:
+        raise ValueError(f"count_psum: {shards} shards over mesh axes {axes}; the 16-bit low "
+                         f"limbs stay exact for at most {MAX_SHARDS}")
+    return _carry(lax.psum(c.hi, axes), lax.psum(c.lo, axes))
+
+
+def pick_digit(hist: Count, k: Count) -> tuple[jax.Array, Count]:
+    """Largest digit d with ``count(digit >= d) >= k``, and k's rank within that digit.
+
+    ``hist`` holds one ``Count`` per digit (arrays of 2^16). Suffix sums are exact: ``lo``
+    sums stay below ``2^16 * 2^16``, ``hi`` sums are the total over 2^16.
+    """
+    at_least = _carry(jnp.cumsum(hist.hi[::-1], dtype=jnp.uint32)[::-1],
+                      jnp.cumsum(hist.lo[::-1], dtype=jnp.uint32)[::-1])
+    digit = jnp.sum(count_ge(at_least, k), dtype=jnp.int32) - 1
+    above = count_sub(_count_index(at_least, digit), _count_index(hist, digit))
+    return digit, count_sub(k, above)
+
+
+# ------------------------------------------------------------------------------ leaves, shards
+
+
+def leaf_axes(axis_name, n: int) -> list[tuple[str, ...]]:
+    """Per-leaf psum axes from ``axis_name``: None, a mesh axis, a tuple of mesh axes (every
+    leaf), or a list with one such entry per leaf."""
+
+    def one(a):
+        if a is None:
+            return ()
+        if isinstance(a, str):
+            return (a,)
+        if isinstance(a, tuple) and all(isinstance(x, str) for x in a):
+            return a
+        raise ValueError(f"axis_name: expected None, a mesh axis name or a tuple of them, got {a!r}")
+
+    if isinstance(axis_name, list):
+        if len(axis_name) != n:
+            raise ValueError(f"axis_name: a list needs one entry per leaf ({n}), got {len(axis_name)}")
+        return [one(a) for a in axis_name]
+    return [one(axis_name)] * n
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafLayout:
+    """Where a shard sits in its leaf: the leaf's global shape and the mesh axes each dimension
+    is split over (a ``PartitionSpec``'s entries as tuples). Gives global row-major indices."""
+
+    shape: tuple[int, ...]
+    dim_axes: tuple[tuple[str, ...], ...]
+
+    @staticmethod
+    def from_spec(shape, spec) -> "LeafLayout":
+        entries = tuple(spec) + (None,) * (len(shape) - len(tuple(spec)))
+        dims = tuple(() if e is None else ((e,) if isinstance(e, str) else tuple(e)) for e in entries)
+        return LeafLayout(tuple(int(s) for s in shape), dims)
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        return tuple(a for dim in self.dim_axes for a in dim)
+
+    def global_index(self, local_shape, flat: jax.Array) -> jax.Array:
+        """Global row-major index (uint32) of local row-major positions ``flat`` (uint32)."""
+        index, stride = jnp.zeros_like(flat), 1
+        for size, local, axes in reversed(list(zip(self.shape, local_shape, self.dim_axes))):
+            coord = flat % jnp.uint32(local)
+            flat = flat // jnp.uint32(local)
+            if axes:
+                coord = coord + lax.axis_index(axes).astype(jnp.uint32) * jnp.uint32(local)
+            index = index + coord * jnp.uint32(stride)
+            stride *= size
+        return index
+
+
+def _leaf(src):
+    return src[0] if isinstance(src, tuple) else src
+
+
+def _varying(x) -> frozenset:
+    """Mesh axes ``x`` varies over inside ``shard_map`` (empty outside or with check_vma=False)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    return frozenset(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ())
+
+
+def _varying_zeros(src, shape, dtype) -> jax.Array:
+    """Zeros typed as varying like ``src``, so a loop carry matches what the body adds."""
+    axes = _varying(_leaf(src))
+    zeros = jnp.zeros(shape, dtype)
+    return lax.pcast(zeros, tuple(sorted(axes)), to="varying") if axes else zeros
+
+
+def _check_sources(sources, axes, paths) -> None:
+    for j, (src, ax) in enumerate(zip(sources, axes)):
+        name = paths[j] if paths else f"#{j}"
+        leaf = _leaf(src)
+        if leaf.size >= SHARD_LIMIT:
+            raise ValueError(f"scores leaf '{name}': {leaf.size} entries in one shard; the xla path "
+                             f"counts each leaf shard in int32 (shard the leaf below 2^31)")
+        varying = _varying(leaf)
+        if varying and varying != frozenset(ax):
+            raise ValueError(f"scores leaf '{name}' is sharded over mesh axes {sorted(varying)} but "
+                             f"axis_name gives {ax}: psum over exactly the axes a leaf is sharded on")
+
+
+def _chunk_scores(src, start, size) -> jax.Array:
+    def piece(x):
+        return lax.dynamic_slice(x.reshape(-1), (start,), (size,)) if size != x.size else x.reshape(-1)
+
+    if isinstance(src, tuple):
+        a, b = src
+        return jnp.abs(piece(b).astype(jnp.float32) - piece(a).astype(jnp.float32))
+    return piece(src).astype(jnp.float32)
+
+
+def _fold_chunks(src, step, init):
+    """``step(acc, float32_chunk, start)`` over the flattened source in ``_CHUNK``-entry slices.
 
     A ``fori_loop`` over slices keeps every temporary chunk-sized; a whole-leaf expression
     would make XLA write a leaf-sized intermediate (page faults cost more than the work).
     """
-    flat, f32 = x.reshape(-1), jnp.float32
-    n_full = flat.size // _CHUNK
+    size = _leaf(src).size
+    n_full = size // _CHUNK
     acc = init
     if n_full:
-        acc = lax.fori_loop(
-            0,
-            n_full,
-            lambda i, a: step(a, lax.dynamic_slice(flat, (i * _CHUNK,), (_CHUNK,)).astype(f32)),
-            acc,
-        )
-    if flat.size % _CHUNK:
-        acc = step(acc, flat[n_full * _CHUNK :].astype(f32))
+        acc = lax.fori_loop(0, n_full,
+                            lambda i, a: step(a, _chunk_scores(src, i * _CHUNK, _CHUNK), i * _CHUNK),
+                            acc)
+    if size % _CHUNK:
+        acc = step(acc, _chunk_scores(src, n_full * _CHUNK, size % _CHUNK), n_full * _CHUNK)
     return acc
+
+
+def _score_bits(x: jax.Array) -> jax.Array:
+    """uint32 patterns in float32, -0.0 mapped to +0.0."""
+    bits = lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(bits == jnp.uint32(NEG_ZERO_BITS), jnp.uint32(0), bits)
 
 
 def _high_digit(bits: jax.Array) -> jax.Array:
@@ -59,60 +255,156 @@ def _high_digit(bits: jax.Array) -> jax.Array:
     return jnp.where(bits > jnp.uint32(INF_BITS), 0xFFFF, bits >> 16).astype(jnp.int32)
 
 
-def _pick_digit(hist: jax.Array, k) -> tuple[jax.Array, jax.Array]:
-    """Largest digit d with count(digit >= d) >= k, and k's rank within that digit."""
-    at_least = jnp.cumsum(hist[::-1])[::-1]
-    digit = jnp.sum(at_least >= k) - 1
-    return digit, k - (at_least[digit] - hist[digit])
+def _local_histogram(src, digit_of) -> jax.Array:
+    """int32 histogram of ``digit_of(chunk, start)`` (index ``_BINS`` is dropped) over a shard."""
+
+    def step(hist, chunk, start):
+        return hist.at[digit_of(chunk, start)].add(1, mode="drop")
+
+    return _fold_chunks(src, step, _varying_zeros(src, _BINS, jnp.int32))
 
 
-def kth_largest(leaves: list[jax.Array], k: int, axis_name=None) -> jax.Array:
-    """The k-th largest value over ``leaves`` as a float32 scalar (NaN if a score is NaN or
-    negative); with ``axis_name`` over all shards of that mesh axis. Histograms count in
-    int32, so the caller keeps the entry count below 2^31."""
+def _histogram(sources, axes, digit_of, local=None) -> Count:
+    """Global ``Count`` histogram over all sources; ``local`` reuses per-source int32 ones."""
+    groups: dict[tuple, Count] = {}
+    for j, (src, ax) in enumerate(zip(sources, axes)):
+        h = count_of(local[j] if local is not None else _local_histogram(src, digit_of))
+        groups[ax] = count_add(groups[ax], h) if ax in groups else h
+    total = None
+    for ax, c in groups.items():
+        c = count_psum(c, ax)
+        total = c if total is None else count_add(total, c)
+    return total
 
-    def reduce(hist):
-        return hist if axis_name is None else lax.psum(hist, axis_name)
 
-    def high_step(hist, chunk):
-        return hist.at[_high_digit(_jnp_bits(chunk))].add(1)
+def _kth_largest(sources, k: Count, axes) -> tuple[jax.Array, list[jax.Array]]:
+    """(k-th largest value, per-source local high-digit histograms)."""
+    high_local = [_local_histogram(s, lambda c, _: _high_digit(_score_bits(c))) for s in sources]
+    hist = _histogram(sources, axes, None, high_local)
+    invalid = _count_nonzero(_count_index(hist, 0xFFFF))
+    high, k_low = pick_digit(hist, k)
 
-    hist = jnp.zeros(1 << 16, jnp.int32)
-    for leaf in leaves:
-        hist = _fold_chunks(leaf, high_step, hist)
-    hist = reduce(hist)
-    invalid = hist[0xFFFF] > 0
-    high, k_low = _pick_digit(hist, k)
+    def low_digit(chunk, _):
+        bits = _score_bits(chunk)
+        return jnp.where(_high_digit(bits) == high, (bits & 0xFFFF).astype(jnp.int32), _BINS)
 
-    def low_step(hist, chunk):
-        bits = _jnp_bits(chunk)
-        idx = jnp.where(_high_digit(bits) == high, (bits & 0xFFFF).astype(jnp.int32), 1 << 16)
-        return hist.at[idx].add(1, mode="drop")
-
-    hist = jnp.zeros(1 << 16, jnp.int32)
-    for leaf in leaves:
-        hist = _fold_chunks(leaf, low_step, hist)
-    low, _ = _pick_digit(reduce(hist), k_low)
+    low, _ = pick_digit(_histogram(sources, axes, low_digit), k_low)
     bits = (high.astype(jnp.uint32) << 16) | low.astype(jnp.uint32)
     value = lax.bitcast_convert_type(bits, jnp.float32)
-    return jnp.where(invalid, jnp.float32(jnp.nan), value)
+    return jnp.where(invalid, jnp.float32(jnp.nan), value), high_local
 
 
-kth_largest_jit = jax.jit(kth_largest, static_argnums=(1, 2))
+def kth_largest(sources: list, k: int, axis_name=None, paths: tuple[str, ...] | None = None
+                ) -> jax.Array:
+    """The k-th largest score over ``sources`` (arrays, or pairs ``(a, b)`` for ``|b - a|``)
+    as a float32 scalar, NaN if a score is NaN or negative. ``axis_name`` (``leaf_axes``):
+    the mesh axes each leaf is sharded on inside ``shard_map``; k counts over all shards.
+    ``paths`` name the leaves in errors."""
+    axes = leaf_axes(axis_name, len(sources))
+    _check_sources(sources, axes, paths)
+    return _kth_largest(sources, count_const(k), axes)[0]
 
 
-def count_above_and_equal(x: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(count(x > v), count(x == v))`` as int32, compared in float32 (NaN matches nothing).
+kth_largest_jit = jax.jit(kth_largest, static_argnums=(1, 2, 3))
+
+
+# ------------------------------------------------------------------------------ exact top-k
+
+
+def _scores_and_index(src, layout: LeafLayout):
+    """Whole-shard float32 scores and global row-major indices (elementwise, fused by XLA)."""
+    leaf = _leaf(src)
+    scores = _chunk_scores(src, 0, leaf.size).reshape(leaf.shape)
+    flat = lax.iota(jnp.uint32, max(1, leaf.size))[: leaf.size].reshape(leaf.shape)
+    return scores, layout.global_index(leaf.shape, flat)
+
+
+def _tie_cut(src, layout: LeafLayout, v, rank: Count) -> jax.Array:
+    """Global index of the ``rank``-th entry equal to ``v`` in row-major order (uint32).
+
+    The same two-digit radix select, on reversed index digits so "largest" means "earliest".
+    """
+    local_shape = _leaf(src).shape
+    axes = [layout.axes]
+
+    def index_of(chunk, start):
+        flat = jnp.uint32(start) + lax.iota(jnp.uint32, chunk.size)
+        return layout.global_index(local_shape, flat), chunk == v
+
+    def high_digit(chunk, start):
+        index, tied = index_of(chunk, start)
+        return jnp.where(tied, 0xFFFF - (index >> 16).astype(jnp.int32), _BINS)
+
+    high, rank_low = pick_digit(_histogram([src], axes, high_digit), rank)
+
+    def low_digit(chunk, start):
+        index, tied = index_of(chunk, start)
+        keep = tied & (0xFFFF - (index >> 16).astype(jnp.int32) == high)
+        return jnp.where(keep, 0xFFFF - (index & 0xFFFF).astype(jnp.int32), _BINS)
+
+    low, _ = pick_digit(_histogram([src], axes, low_digit), rank_low)
+    return ((0xFFFF - high).astype(jnp.uint32) << 16) | (0xFFFF - low).astype(jnp.uint32)
+
+
+def top_k_masks(sources: list, k: int, layouts: list[LeafLayout],
+                paths: tuple[str, ...] | None = None):
+    """Exactly k entries over ``sources`` (arrays or pairs ``(a, b)`` for ``|b - a|``), as one
+    bool mask per source: all above the k-th largest value v, then the entries equal to v
+    earliest first (leaf order, then global row-major index) -- the rule of ``select.top_k``.
+
+    Inside ``shard_map`` each source is a shard and ``layouts[j]`` says where it sits (leaf
+    shape, mesh axes per dimension); outside, layouts with no axes. Returns ``(v, masks,
+    non_finite)``: ``non_finite[j]`` is True when source j holds NaN, negative or Inf scores
+    (then v may be NaN and the masks all-False). ``1 <= k`` and global leaves below 2^32.
+    """
+    axes = [layout.axes for layout in layouts]
+    _check_sources(sources, axes, paths)
+    for j, layout in enumerate(layouts):
+        if math.prod(layout.shape) >= 2**32:
+            raise ValueError(f"scores leaf '{paths[j] if paths else j}': {math.prod(layout.shape)} "
+                             f"entries; tie positions are uint32 (leaves below 2^32)")
+    k_count = count_const(k)
+    v, high_local = _kth_largest(sources, k_count, axes)
+    inf_digit = INF_BITS >> 16  # a high digit of 0x7F80 is +inf exactly; above it NaN/negative
+    non_finite = [count_psum(count_of(h[inf_digit] + h[0xFFFF]), ax)
+                  for h, ax in zip(high_local, axes)]
+
+    def counts(src, ax):
+        n_above, n_ties = count_above_and_equal(src, v)
+        return count_psum(count_of(n_above), ax), count_psum(count_of(n_ties), ax)
+
+    per_leaf = [counts(s, ax) for s, ax in zip(sources, axes)]
+    above = per_leaf[0][0]
+    for n_above, _ in per_leaf[1:]:
+        above = count_add(above, n_above)
+    fits = count_ge(k_count, above)  # False only when v is NaN
+    need = _count_where(fits, count_sub(k_count, above), count_const(0))  # ties to take
+    masks, before = [], count_const(0)
+    for src, layout, (_, n_ties) in zip(sources, layouts, per_leaf):
+        left = _count_where(count_ge(need, before), count_sub(need, before), count_const(0))
+        take_all = count_ge(left, n_ties)
+        cut = ~take_all & _count_nonzero(left)
+        last = lax.cond(cut, lambda s=src, lo=layout, r=left: _tie_cut(s, lo, v, r),
+                        lambda: jnp.uint32(0))
+        scores, index = _scores_and_index(src, layout)
+        masks.append((scores > v) | ((scores == v) & (take_all | (cut & (index <= last)))))
+        before = count_add(before, n_ties)
+    return v, masks, [_count_nonzero(c) for c in non_finite]
+
+
+def count_above_and_equal(x, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(count(x > v), count(x == v))`` as int32, compared in float32 (NaN matches nothing);
+    ``x`` an array or a pair ``(a, b)`` for ``|b - a|``.
 
     Chunked like ``kth_largest``, so no leaf-sized temporary is written; jit-friendly.
     """
     v = jnp.asarray(v, jnp.float32)
 
-    def step(acc, chunk):
+    def step(acc, chunk, _):
         return (
             acc[0] + jnp.sum(chunk > v, dtype=jnp.int32),
             acc[1] + jnp.sum(chunk == v, dtype=jnp.int32),
         )
 
-    zero = jnp.zeros((), jnp.int32)
+    zero = _varying_zeros(x, (), jnp.int32)
     return _fold_chunks(x, step, (zero, zero))
