@@ -221,8 +221,9 @@ MESH_SHAPES = [(16, 5), (24,), (8192,), (10, 3), (7,), ()]
 
 
 @pytest.mark.parametrize(
-    "rule, granularity", [(rule, "leaf") for rule in fusion.OVERLAP_RULES] + [("max_delta", "row")]
-)
+    "rule, granularity",
+    [pytest.param(rule, "leaf", marks=[pytest.mark.slow] if rule != "max_delta" else [])
+     for rule in fusion.OVERLAP_RULES] + [("max_delta", "row")])
 def test_mesh_equals_single_device(rule, granularity):
     backbone, tuned, cores = random_case(3, MESH_SHAPES, n=3)
     single, report = fusion.fuse(backbone, tuned, cores, overlap=rule, granularity=granularity)
@@ -262,7 +263,7 @@ def kernel_leaves(backbone, tuned, cores, **kw):
 
 
 @pytest.mark.parametrize("row_slerp", [False, True])
-@pytest.mark.parametrize("rows", [9, 7, 1])
+@pytest.mark.parametrize("rows", [9, pytest.param(7, marks=pytest.mark.slow), 1])
 def test_pass_one_in_parallel_row_blocks_equals_one_block(row_slerp, rows):
     """Big leaves' first pass runs as row blocks in threads; sums and counts must not change
     (odd row counts give a shorter last block; one row cannot be split)."""
@@ -277,7 +278,7 @@ def test_pass_one_in_parallel_row_blocks_equals_one_block(row_slerp, rows):
 
 # -------------------------------------------------------------- the kernel equals the definition
 
-TASK_COUNTS = [1, 2, 3, pytest.param(4, marks=pytest.mark.slow)]
+TASK_COUNTS = [pytest.param(1, marks=pytest.mark.slow), 2, 3, pytest.param(4, marks=pytest.mark.slow)]
 BACKEND_SHAPES = [(6, 5), (), (9,)]
 
 

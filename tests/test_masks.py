@@ -69,6 +69,7 @@ def test_threshold_matches_sort_host(leaves, data):
     assert float(masks.threshold(leaves, k, method="host")) == ref
 
 
+@pytest.mark.slow  # each example size compiles its own xla program
 @settings(max_examples=12, deadline=None)
 @given(
     leaf=hnp.arrays(np.float32, st.sampled_from([1, 5, 40]), elements=_VALUES),
@@ -89,6 +90,7 @@ def test_threshold_low_and_high_precision_inputs_compare_in_float32(dtype):
         assert float(masks.threshold([jnp.asarray(leaves[0])], k, method="xla")) == ref
 
 
+@pytest.mark.slow  # a few million scores through both back ends
 def test_threshold_large_input_uses_sampled_pass_and_xla_chunks():
     # Sizes above the real _SMALL and _CHUNK, leaves not multiples of any chunk, with ties.
     rng = np.random.default_rng(1)

@@ -232,6 +232,7 @@ def test_low_precision_in_same_dtype_out_math_in_float32(dtype):
     np.testing.assert_allclose(np.asarray(merged, np.float32), ref, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.slow  # each model count compiles its own fold
 @SETTINGS
 @given(
     models=st.integers(2, 5).flatmap(
@@ -292,6 +293,7 @@ def test_row_granularity_is_slerp_per_row(ab, t):
     np.testing.assert_allclose(merged, out, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow  # leaves past the row-block threshold (1M entries)
 @pytest.mark.parametrize("n, granularity", [(2, "leaf"), (3, "row")])
 def test_big_host_leaves_equal_the_jitted_definition(n, granularity):
     """Eager leaves of at least ``row_blocks.BLOCK_MIN_ENTRIES`` entries take the host path
