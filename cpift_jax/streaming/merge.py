@@ -222,51 +222,58 @@ class TensorMerger:
         raises here as it would in the merge; if that traces and the call with traced floats
         raises, tracing them is the only difference and so the cause (typically an operator
         that checks ``isinstance(density, float)`` or derives a top-k count from it). Logged."""
-        names = tuple(sorted(traced))
-        with self._lock:
-            known = self._float_tracing.get(names)
-        if known is not None:
-            return known
-        static = {k: v for k, v in hp.items() if k not in traced}
-        values = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in traced}
-        jax.eval_shape(functools.partial(_operator_call, self.merge_fn, hp, cast, stored),
-                       list(inputs), base)
-        try:
-            jax.eval_shape(functools.partial(_operator_call, self.merge_fn, static, cast, stored),
-                           list(inputs), base, values)
-            ok = True
-        except (TypeError, ValueError, *_TRACE_ERRORS) as err:
-            logging.warning("operator %r needs %s as Python numbers, not traced scalars (at "
-                            "tensor %r: %s: %s); compiling one program per value", self.operator,
-                            ", ".join(names), name, type(err).__name__, err)
-            ok = False
-        with self._lock:
-            self._float_tracing[names] = ok
-        return ok
+        def decide() -> bool:
+            jax.eval_shape(functools.partial(_operator_call, self.merge_fn, hp, cast, stored),
+                           list(inputs), base)
+            try:
+                self._trace(inputs, base, hp, traced, cast, stored)
+                return True
+            except (TypeError, ValueError, *_TRACE_ERRORS) as err:
+                logging.warning("operator %r needs %s as Python numbers, not traced scalars (at "
+                                "tensor %r: %s: %s); compiling one program per value",
+                                self.operator, ", ".join(sorted(traced)), name,
+                                type(err).__name__, err)
+                return False
+
+        return self._remembered(self._float_tracing, tuple(sorted(traced)), decide)
 
     def _donates(self, signature, inputs, base, hp, traced, cast, stored, name) -> bool:
         """Whether the program's output has the shape and dtype of the spare it is given, so XLA
         writes it into that donated buffer. Checked once per signature by tracing (nothing is
         computed); an operator returning another shape or dtype is logged and gets a program
         without donation (JAX would otherwise warn and free the spare)."""
-        with self._lock:
-            known = self._donation.get(signature)
-        if known is not None:
-            return known
+        def decide() -> bool:
+            out = self._trace(inputs, base, hp, traced, cast, stored)
+            want = (tuple(inputs[0].shape), self._out_dtype(inputs, cast, stored))
+            ok = (tuple(out.shape), np.dtype(out.dtype)) == want
+            if not ok:
+                logging.warning("operator %r returns %s%s for tensor %r, not its inputs' %s%s; "
+                                "its outputs go to fresh memory instead of a reused buffer",
+                                self.operator, np.dtype(out.dtype), list(out.shape), name,
+                                want[1], list(want[0]))
+            return ok
+
+        return self._remembered(self._donation, signature, decide)
+
+    def _trace(self, inputs, base, hp, traced, cast, stored):
+        """The operator's output shape and dtype with the ``traced`` floats as abstract scalars
+        (nothing is computed)."""
         static = {k: v for k, v in hp.items() if k not in traced}
         values = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in traced}
-        out = jax.eval_shape(functools.partial(_operator_call, self.merge_fn, static, cast,
-                                               stored), list(inputs), base, values)
-        want = (tuple(inputs[0].shape), self._out_dtype(inputs, cast, stored))
-        ok = (tuple(out.shape), np.dtype(out.dtype)) == want
-        if not ok:
-            logging.warning("operator %r returns %s%s for tensor %r, not its inputs' %s%s; its "
-                            "outputs go to fresh memory instead of a reused buffer",
-                            self.operator, np.dtype(out.dtype), list(out.shape), name,
-                            want[1], list(want[0]))
+        return jax.eval_shape(functools.partial(_operator_call, self.merge_fn, static, cast,
+                                                stored), list(inputs), base, values)
+
+    def _remembered(self, table: dict, key, decide):
+        """``table[key]``, computed by ``decide()`` the first time (outside the lock: tracing
+        takes a while, and two threads deciding the same key agree)."""
         with self._lock:
-            self._donation[signature] = ok
-        return ok
+            known = table.get(key)
+        if known is not None:
+            return known
+        value = decide()
+        with self._lock:
+            table[key] = value
+        return value
 
     @staticmethod
     def _key(hp, traced, cast, stored) -> tuple:
