@@ -110,8 +110,13 @@ def fuse_leafwise(backbone, tuned_models, core_masks, *, merge: str = "slerp",
     """Fused parameters by the definition: the operator ``merge`` on whole leaves (``mask=~U``
     where it takes one, ``base=backbone``), then the core value on U. Jittable; no report."""
     masks_by_task = _check_inputs(backbone, tuned_models, core_masks, overlap)
-    merged = _operator_merge(_check_operator(merge, merge_kwargs), backbone, tuned_models,
-                             masks_by_task, merge_kwargs)
+    fn = _check_operator(merge, merge_kwargs)
+    return _fused(backbone, tuned_models, masks_by_task, fn, overlap, merge_kwargs)
+
+
+def _fused(backbone, tuned_models, masks_by_task: list[list], fn, overlap: str, merge_kwargs: dict):
+    """``fuse_leafwise`` on inputs already checked."""
+    merged = _operator_merge(fn, backbone, tuned_models, masks_by_task, merge_kwargs)
     _, b_leaves, treedef = tree_lib.flatten(backbone)
     per_task = [jax.tree_util.tree_leaves(t) for t in tuned_models]
     out = []
@@ -130,7 +135,7 @@ def _leaf_counts(backbone, models, cores, rule: str):
     n = len(models)
     count = lambda m: jnp.sum(m, dtype=jnp.int32)  # noqa: E731
     in_cores = sum(m.astype(jnp.int32) for m in cores)
-    counts = [count(cores[i] & cores[j]) for i in range(n) for j in range(i, n)]
+    counts = [count(cores[i] & cores[j]) for i, j in sphere.pairs(n)]
     counts += [count(in_cores >= 1), count(in_cores >= 2)]
     if rule != "mean":
         _, winner = core_value(backbone.astype(jnp.float32), [x.astype(jnp.float32) for x in models],
@@ -158,7 +163,7 @@ def _slerp_settings(fn, merge_kwargs: dict, n: int, paths: list[str]):
 def _report(counts: list, n: int, total: int, merge: str, overlap: str) -> dict:
     layout = fusion_kernel.count_layout(n, overlap)
     summed = np.sum([np.asarray(c, np.int64) for c in counts], axis=0) if counts else np.zeros(len(layout), np.int64)
-    pairs = [(i, j) for i in range(n) for j in range(i, n)]
+    pairs = sphere.pairs(n)
     pairwise = [[0] * n for _ in range(n)]
     for k, (i, j) in enumerate(pairs):
         pairwise[i][j] = pairwise[j][i] = int(summed[k])
@@ -221,7 +226,7 @@ def fuse(
 
     if backend == "definition":
         counts = [_leaf_counts(b, tuple(xs), tuple(ms), overlap) for b, xs, ms in zip(b_leaves, x_leaves, m_leaves)]
-        fused = fuse_leafwise(backbone, tuned_models, core_masks, merge=merge, overlap=overlap, **merge_kwargs)
+        fused = _fused(backbone, tuned_models, masks_by_task, fn, overlap, merge_kwargs)
         return fused, _report(counts, n, total, merge, overlap)
 
     if merge != "slerp":

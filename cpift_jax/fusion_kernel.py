@@ -81,14 +81,10 @@ def place(x: jax.Array, mesh: Mesh, sharded: bool) -> jax.Array:
 # ---------------------------------------------------------------------------- the two passes
 
 
-def _pairs(n: int) -> list[tuple[int, int]]:
-    return [(i, j) for i in range(n) for j in range(i, n)]
-
-
 def count_layout(n: int, rule: str) -> list[str]:
     """Names of the report counts, in the order of a leaf's count vector."""
     winners = [] if rule == "mean" else [f"winner {i}" for i in range(n)]
-    return [f"overlap {i},{j}" for i, j in _pairs(n)] + ["union", "in >= 2 cores"] + winners
+    return [f"overlap {i},{j}" for i, j in sphere.pairs(n)] + ["union", "in >= 2 cores"] + winners
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +107,7 @@ def _stats(b2, xs2, ms2, *, plan: _Plan):
     n = plan.n
     bf, xf = b2.astype(jnp.float32), [x.astype(jnp.float32) for x in xs2]
     union = functools.reduce(operator.or_, ms2)
-    pairs = _pairs(n)
+    pairs = sphere.pairs(n)
     floats = []
     if plan.slerp:
         z = [jnp.where(union, 0.0, x) for x in xf]
@@ -141,10 +137,7 @@ def _stats(b2, xs2, ms2, *, plan: _Plan):
     counts = jnp.stack(p + union_multi + winners)
     gram = None
     if plan.slerp:
-        index = {pair: k for k, pair in enumerate(pairs)}
-        gram = jnp.stack(
-            [jnp.stack([sums[index[min(i, j), max(i, j)]] for j in range(n)], -1) for i in range(n)], -2
-        )  # (rows, n, n)
+        gram = sphere.gram_from_pair_sums(sums, n)  # (rows, n, n)
         if not plan.rows:
             gram = jnp.sum(gram, axis=0)
     if plan.axis is not None:

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from cpift_jax import hparams
 
 __all__ = [
-    "EPS", "DOT_THRESHOLD", "GRANULARITIES", "row_sums", "check_t", "slerp_coefficients", "split",
+    "EPS", "DOT_THRESHOLD", "GRANULARITIES", "row_sums", "pairs", "gram_from_pair_sums", "check_t", "slerp_coefficients", "split",
     "fold_ts", "fold_schedule", "fold_coefficients", "log_map", "exp_map", "chordal_direction",
     "karcher_direction", "sphere_mean", "merge_leaves", "normalized_weights",
 ]
@@ -59,6 +59,19 @@ def row_sums(terms: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
     inits = tuple(jnp.zeros((), t.dtype) for t in terms)
     last = jnp.ndim(terms[0]) - 1
     return jax.lax.reduce(tuple(terms), inits, lambda a, b: tuple(x + y for x, y in zip(a, b)), (last,))
+
+
+def pairs(n: int) -> list[tuple[int, int]]:
+    """The index pairs ``(i, j)``, ``i <= j``, of an ``n x n`` Gram matrix's upper triangle."""
+    return [(i, j) for i in range(n) for j in range(i, n)]
+
+
+def gram_from_pair_sums(sums: Sequence[jax.Array], n: int) -> jax.Array:
+    """The symmetric Gram matrix ``(..., n, n)`` from its upper-triangle entries in ``pairs(n)``
+    order (each of shape ``(...)``)."""
+    index = {pair: k for k, pair in enumerate(pairs(n))}
+    return jnp.stack(
+        [jnp.stack([sums[index[min(i, j), max(i, j)]] for j in range(n)], -1) for i in range(n)], -2)
 
 
 def _f32(x) -> jax.Array:

@@ -16,6 +16,7 @@ least ``MIN_EXPERT_GAP``; a task whose expert is at chance carries no signal and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -349,6 +350,7 @@ def collect(config, wd, tasks, chance, *, labels, budgets, ablations,
     seeds = tuple(int(s) for s in config.seeds)
     tasks = tuple(tasks)
 
+    @functools.cache  # each stage's DONE.json is read once, though several rows use it
     def result(seed, stage):
         return wd.result(f"seed{seed}/{stage}")
 

@@ -67,11 +67,11 @@ def check_config(config) -> None:
         if config.forgetting.steps < 1:
             _fail("forgetting.steps", f"must be >= 1, got {config.forgetting.steps}")
     if config.merge_only.enabled:
-        for name in config.merge_only.operators:
-            if name not in merges.available():
+        available = merges.available()
+        for name in config.merge_only.operators or available:
+            if name not in available:
                 _fail("merge_only.operators", f"names unknown operator {name!r}; available: "
-                      f"{', '.join(merges.available())}")
-        for name in config.merge_only.operators or merges.available():
+                      f"{', '.join(available)}")
             try:  # its declarations decide, before any work, whether the stage applies
                 merges.get_module(name)
             except ValueError as err:

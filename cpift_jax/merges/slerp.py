@@ -63,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cpift_jax import host
+from cpift_jax import sphere
 from cpift_jax import masks as masks_lib
 from cpift_jax import tree as tree_lib
 from cpift_jax.merges._common import check_models, donatable, f32, is_traced, leaf_program
@@ -86,7 +87,7 @@ def _gram(zs: list[jax.Array], rows: bool) -> jax.Array:
     accumulations than one flat sum, and the same partial sums as the row blocks of the host
     path), every product from one read of the inputs (``sphere.row_sums``)."""
     n = len(zs)
-    pairs = [(i, j) for i in range(n) for j in range(i, n)]
+    pairs = sphere.pairs(n)
     if zs[0].ndim == 0:
         sums = [zs[i] * zs[j] for i, j in pairs]
     else:
@@ -95,10 +96,7 @@ def _gram(zs: list[jax.Array], rows: bool) -> jax.Array:
         sums = row_sums([zs[i] * zs[j] for i, j in pairs])
         if not rows:
             sums = [jnp.sum(s) for s in sums]
-    index = {pair: k for k, pair in enumerate(pairs)}
-    return jnp.stack(
-        [jnp.stack([sums[index[min(i, j), max(i, j)]] for j in range(n)], -1) for i in range(n)], -2
-    )
+    return sphere.gram_from_pair_sums(sums, n)
 
 
 def _float32(first, rest, mask) -> tuple[list[jax.Array], list[jax.Array]]:

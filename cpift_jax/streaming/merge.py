@@ -320,12 +320,12 @@ class TensorMerger:
             stored = _true_dtypes(stored)
             try:
                 traced = self._traced(inputs, base, hp, cast, stored, None)
+                signature = _signature(self._key(hp, traced, cast, stored), inputs)
+                if signature in self._ahead:
+                    continue
+                donate = self._donates(signature, inputs, base, hp, traced, cast, stored, None)
             except _TRACE_ERRORS:
                 return
-            signature = _signature(self._key(hp, traced, cast, stored), inputs)
-            if signature in self._ahead:
-                continue
-            donate = self._donates(signature, inputs, base, hp, traced, cast, stored, None)
             fn = self._program(hp, traced, cast, stored, donate)
             values = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in traced}
             args = (list(inputs), base, values)
