@@ -23,10 +23,26 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/toy.py", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for artifacts and results",
                                required=True)
+# Many hosts (docs/multihost.md): all three, or none for JAX's TPU/SLURM/Open MPI detection.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the run")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0-based")
+_BIND = flags.DEFINE_string("coordinator_bind_address", None,
+                            "address:port the coordinator listens on (default: the coordinator "
+                            "address, not every interface)")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_s", 100,
+                                  "seconds without heartbeats after which a process counts as "
+                                  "dead and the run is stopped")
 
 
 def main(argv):
     del argv
+    from cpift_jax import distributed
+
+    # Before any other JAX call: the backend must see every process.
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           coordinator_bind_address=_BIND.value,
+                           heartbeat_timeout_s=_HEARTBEAT.value)
     import jax
 
     from cpift_jax.benchmark import console, pipeline, report
@@ -38,8 +54,9 @@ def main(argv):
                           workdir, ", ".join(str(d) for d in jax.devices()))
     results = pipeline.run(_CONFIG.value, workdir)
     console.progress.info("finished in %s", console.seconds(time.perf_counter() - start))
-    print(report.verdict(results))
-    print(f"results: {os.path.join(workdir, report.REPORT_FILE)}")
+    if distributed.is_primary():
+        print(report.verdict(results))
+        print(f"results: {os.path.join(workdir, report.REPORT_FILE)}")
 
 
 if __name__ == "__main__":

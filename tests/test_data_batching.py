@@ -104,3 +104,22 @@ def _two_task_config():
     config = suite.default_config()
     config.tasks = ("arith", "logic")
     return config
+
+
+def test_random_access_batches_equal_the_streams_and_keep_rows_whole():
+    arrays = {"a": _arrays(5, 0), "b": _arrays(7, 100), "c": _arrays(3, 200)}
+    for a in arrays.values():  # a loss mask that identifies its row, to catch mismatched pairs
+        a["loss_mask"] = (a["tokens"] + np.arange(4)[None]) % 3 == 0
+    weights = {"a": 0.5, "b": 0.3, "c": 0.2}
+    stream = list(itertools.islice(batching.mixture_batches(arrays, weights, 7, 2), 200))
+    source = batching.MixtureBatches(arrays, weights, 7, 2)
+    for i in (199, 3, 64, 130, 0):  # out of order: earlier batches are never generated first
+        for key in ("tokens", "loss_mask"):
+            np.testing.assert_array_equal(source[i][key], stream[i][key])
+            np.testing.assert_array_equal(source.rows(i, 2, 6)[key], stream[i][key][2:6])
+    for batch in stream:
+        np.testing.assert_array_equal(batch["loss_mask"],
+                                      (batch["tokens"] + np.arange(4)[None]) % 3 == 0)
+    uniform = list(itertools.islice(batching.batches(arrays["b"], 4, 1), 9))
+    np.testing.assert_array_equal(batching.UniformBatches(arrays["b"], 4, 1).rows(8, 1, 3)["tokens"],
+                                  uniform[8]["tokens"][1:3])

@@ -7,18 +7,21 @@ tokens before it and averages the loss over the positions where ``loss_mask`` is
 prompt and the padding never contribute.
 
 Batch streams are infinite and deterministic per seed: epoch ``e`` visits the rows in the order
-``np.random.default_rng([seed, e]).permutation``; batches run across epoch boundaries.
+``np.random.default_rng([seed, e]).permutation``; batches run across epoch boundaries. ``UniformBatches``/``MixtureBatches`` give random access
+to the same streams (global batch ``i`` without batches ``0..i-1``), for per-process loading.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
 from cpift_jax.data.tokenizer import Tokenizer
 
-__all__ = ["encode_examples", "encode_prompts", "batches", "mixture_batches", "IndexStream"]
+__all__ = ["encode_examples", "encode_prompts", "batches", "mixture_batches", "IndexStream",
+           "UniformBatches", "MixtureBatches"]
 
 Arrays = dict[str, np.ndarray]
 
@@ -67,25 +70,40 @@ def encode_prompts(
 
 
 class IndexStream:
-    """Row indices ``0..num_rows-1``, one fresh permutation per epoch, as an endless stream."""
+    """Row indices ``0..num_rows-1``, one fresh permutation per epoch, as an endless stream.
+
+    Position ``n`` of the stream is row ``permutation_e[n % num_rows]`` of epoch
+    ``e = n // num_rows``, so any stretch can be read without the ones before it (``at``).
+    """
 
     def __init__(self, num_rows: int, seed: int):
         if num_rows < 1:
             raise ValueError(f"cannot stream rows of an empty array (num_rows={num_rows})")
         self.num_rows, self.seed = num_rows, seed
-        self.epoch, self._order, self._pos = -1, np.zeros(0, np.int64), 0
+        self._next = 0
+        self._epoch, self._order = -1, np.zeros(0, np.int64)
 
-    def take(self, k: int) -> np.ndarray:
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:  # streams are read forwards: one cached epoch suffices
+            self._epoch = epoch
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+        return self._order
+
+    def at(self, start: int, k: int) -> np.ndarray:
+        """Stream positions ``start .. start + k - 1``."""
         out = []
         while k > 0:
-            if self._pos == len(self._order):
-                self.epoch += 1
-                rng = np.random.default_rng([self.seed, self.epoch])
-                self._order, self._pos = rng.permutation(self.num_rows), 0
-            n = min(k, len(self._order) - self._pos)
-            out.append(self._order[self._pos : self._pos + n])
-            self._pos, k = self._pos + n, k - n
+            epoch, offset = divmod(start, self.num_rows)
+            n = min(k, self.num_rows - offset)
+            out.append(self._permutation(epoch)[offset : offset + n])
+            start, k = start + n, k - n
         return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def take(self, k: int) -> np.ndarray:
+        """The next ``k`` positions."""
+        out = self.at(self._next, k)
+        self._next += k
+        return out
 
 
 def _check_arrays(arrays: Arrays, what: str) -> int:
@@ -99,12 +117,101 @@ def _check_arrays(arrays: Arrays, what: str) -> int:
     return arrays["tokens"].shape[0]
 
 
+class UniformBatches:
+    """Random-access ``batches``: ``self[i]`` is global batch ``i`` of the endless stream,
+    ``self.rows(i, lo, hi)`` only its rows ``lo:hi`` (one process's share)."""
+
+    def __init__(self, arrays: Arrays, batch_size: int, seed: int):
+        self.arrays, self.batch_size = arrays, batch_size
+        self._stream = IndexStream(_check_arrays(arrays, "batches"), seed)
+
+    def rows(self, i: int, lo: int, hi: int) -> Arrays:
+        idx = self._stream.at(i * self.batch_size + lo, hi - lo)
+        return {k: v[idx] for k, v in self.arrays.items()}
+
+    def __getitem__(self, i: int) -> Arrays:
+        return self.rows(i, 0, self.batch_size)
+
+
+class MixtureBatches:
+    """Random-access ``mixture_batches`` (same stream): ``self[i]`` is global batch ``i``,
+    ``self.rows(i, lo, hi)`` only its rows ``lo:hi``.
+
+    The round robin's state (credits, rows taken per task) after batch ``i`` depends on every
+    earlier slot, so it is kept for every ``_EVERY``-th batch as it is first computed; reaching
+    batch ``i`` replays at most ``_EVERY`` batches from the nearest kept state (a restored
+    iterator rebuilds the table once, in time linear in ``i``).
+    """
+
+    _EVERY = 64
+
+    def __init__(self, arrays_by_task: Mapping[str, Arrays], weights: Mapping[str, float],
+                 batch_size: int, seed: int):
+        names = list(arrays_by_task)
+        if set(weights) != set(names):
+            raise ValueError(f"weights are for tasks {sorted(weights)} but arrays for {sorted(names)}")
+        w = np.array([float(weights[n]) for n in names])
+        if np.any(w < 0) or w.sum() <= 0:
+            raise ValueError(f"task weights must be non-negative with a positive sum, got {weights}")
+        w = w / w.sum()
+        widths = {a["tokens"].shape[1] for a in arrays_by_task.values()}
+        if len(widths) != 1:
+            raise ValueError(f"all tasks must share one seq_len, got {sorted(widths)}")
+        self.names, self.arrays, self.batch_size = names, arrays_by_task, batch_size
+        self._streams = [
+            IndexStream(_check_arrays(arrays_by_task[n], f"task {n!r}"), seed * 1009 + i)
+            for i, n in enumerate(names)
+        ]
+        # Integer credits keep ties exact (float credits drift apart in the last bit).
+        self._units = [int(u) for u in np.round(w * 2**30).astype(np.int64)]
+        zeros = [0] * len(names)
+        self._kept = [(tuple(zeros), tuple(zeros))]  # (credit, rows taken) before batch 0, 64, ...
+
+    def _allocate(self, credit: list[int]) -> list[int]:
+        """Rows per task in one batch; advances ``credit`` in place."""
+        units, total = self._units, sum(self._units)
+        counts = [0] * len(units)
+        for _ in range(self.batch_size):
+            for t, u in enumerate(units):
+                credit[t] += u
+            best = max(range(len(units)), key=credit.__getitem__)  # first on ties
+            credit[best] -= total
+            counts[best] += 1
+        return counts
+
+    def plan(self, i: int) -> tuple[list[int], list[int]]:
+        """(rows of each task taken before batch ``i``, rows of each task in batch ``i``)."""
+        slot = min(i // self._EVERY, len(self._kept) - 1)
+        credit, taken = map(list, self._kept[slot])
+        for b in range(slot * self._EVERY, i + 1):
+            counts = self._allocate(credit)
+            if b == i:
+                return taken, counts
+            taken = [a + c for a, c in zip(taken, counts)]
+            if (b + 1) % self._EVERY == 0 and (b + 1) // self._EVERY == len(self._kept):
+                self._kept.append((tuple(credit), tuple(taken)))
+        raise AssertionError("unreachable")
+
+    def rows(self, i: int, lo: int, hi: int) -> Arrays:
+        taken, counts = self.plan(i)
+        # The batch is the tasks' parts in task order; rows lo:hi cut through some of them.
+        parts, offset = [], 0
+        for t, (start, count) in enumerate(zip(taken, counts)):
+            a, b = max(lo, offset), min(hi, offset + count)
+            if a < b:
+                idx = self._streams[t].at(start + a - offset, b - a)
+                parts.append({k: v[idx] for k, v in self.arrays[self.names[t]].items()})
+            offset += count
+        return {k: np.concatenate([p[k] for p in parts]) for k in ("tokens", "loss_mask")}
+
+    def __getitem__(self, i: int) -> Arrays:
+        return self.rows(i, 0, self.batch_size)
+
+
 def batches(arrays: Arrays, batch_size: int, seed: int) -> Iterator[Arrays]:
     """Endless stream of ``batch_size``-row batches of ``arrays`` (module docstring)."""
-    stream = IndexStream(_check_arrays(arrays, "batches"), seed)
-    while True:
-        idx = stream.take(batch_size)
-        yield {k: v[idx] for k, v in arrays.items()}
+    source = UniformBatches(arrays, batch_size, seed)
+    return (source[i] for i in itertools.count())
 
 
 def mixture_batches(
@@ -120,35 +227,7 @@ def mixture_batches(
     which then pays 1. Every prefix of the stream is within a row or two per task of the exact
     proportions; uniform weights and a ``batch_size`` that is a multiple of the task count give
     equal rows in every batch. Each task's rows come from its own ``IndexStream``, so a small
-    task is repeated more often rather than dropped.
+    task is repeated more often rather than dropped. ``MixtureBatches`` gives random access.
     """
-    names = list(arrays_by_task)
-    if set(weights) != set(names):
-        raise ValueError(f"weights are for tasks {sorted(weights)} but arrays for {sorted(names)}")
-    w = np.array([float(weights[n]) for n in names])
-    if np.any(w < 0) or w.sum() <= 0:
-        raise ValueError(f"task weights must be non-negative with a positive sum, got {weights}")
-    w = w / w.sum()
-    widths = {a["tokens"].shape[1] for a in arrays_by_task.values()}
-    if len(widths) != 1:
-        raise ValueError(f"all tasks must share one seq_len, got {sorted(widths)}")
-    streams = [
-        IndexStream(_check_arrays(arrays_by_task[n], f"task {n!r}"), seed * 1009 + i)
-        for i, n in enumerate(names)
-    ]
-    # Integer credits keep ties exact (float credits drift apart in the last bit).
-    units = np.round(w * 2**30).astype(np.int64)
-    credit = np.zeros(len(names), np.int64)
-    while True:
-        counts = np.zeros(len(names), np.int64)
-        for _ in range(batch_size):
-            credit += units
-            i = int(np.argmax(credit))
-            credit[i] -= units.sum()
-            counts[i] += 1
-        parts = [
-            {k: v[streams[i].take(int(c))] for k, v in arrays_by_task[n].items()}
-            for i, (n, c) in enumerate(zip(names, counts))
-            if c > 0
-        ]
-        yield {k: np.concatenate([p[k] for p in parts]) for k in ("tokens", "loss_mask")}
+    source = MixtureBatches(arrays_by_task, weights, batch_size, seed)
+    return (source[i] for i in itertools.count())
