@@ -28,6 +28,14 @@ the definition (``backend`` overrides); both return the same report and equal va
 for operators other than SLERP, to float32 rounding for SLERP (a one-pass fold against the
 sequential one).
 
+Models already sharded over a device mesh (every leaf of the backbone, the task models and the
+core masks a ``jax.Array`` with a ``NamedSharding`` on one mesh, any partition): the kernel's
+maths run leaf by leaf as jitted programs where the shards live
+(``fusion_kernel.fuse_sharded_leaves``), the definition as one jitted program; either way every
+fused leaf has its backbone leaf's sharding and nothing is gathered to one device or the host.
+An operator other than SLERP is traced under ``jit`` there (its merged leaves sharded like the
+backbone). Same report exactly, values to float32 rounding (reductions summed in another order).
+
 Report (JSON-serialisable Python ints): ``total_params``; ``core_union`` = |U|;
 ``merged_entries`` = total - |U|; ``core_sizes`` |C_i|; ``pairwise_overlap`` |C_i & C_j|
 (diagonal = core sizes); ``overlap_entries`` (entries in >= 2 cores); ``transplanted`` (entries
@@ -188,6 +196,20 @@ def _on_host(leaves) -> bool:
     return all(not isinstance(x, jax.Array) or all(d.platform == "cpu" for d in x.devices()) for x in leaves)
 
 
+def _input_mesh(paths, b_leaves, x_leaves, m_leaves):
+    """The mesh the inputs are sharded over (``masks.leaves_mesh``), or None."""
+    named = [(p, "backbone", b) for p, b in zip(paths, b_leaves)]
+    for p, xs, ms in zip(paths, x_leaves, m_leaves):
+        named += [(p, f"tuned_models[{i}]", x) for i, x in enumerate(xs)]
+        named += [(p, f"core_masks[{i}]", m) for i, m in enumerate(ms)]
+    return masks_lib.leaves_mesh(named, "fuse")
+
+
+def _sharded_jit(fn, b_leaves):
+    """``fn`` jitted with its outputs (a list, one per backbone leaf) sharded like the backbone."""
+    return jax.jit(fn, out_shardings=[b.sharding for b in b_leaves])
+
+
 def fuse(
     backbone: Pytree,
     tuned_models: Sequence[Pytree],
@@ -203,36 +225,53 @@ def fuse(
     """Fused parameters (backbone's structure and dtypes) and a report; see the module docstring.
 
     ``merge_kwargs`` go to the merge operator (``base`` and ``mask`` are set by fuse).
-    ``mesh``: a 1-D device mesh the kernel splits leaves over. ``donate_backbone=True``: the
-    kernel writes the output into the backbone's buffers (the backbone arrays are deleted).
-    ``backend``: ``"kernel"`` or ``"definition"``; None picks the kernel for host arrays or a
-    mesh and the definition otherwise.
+    Inputs sharded over a mesh keep their shardings (module docstring). ``mesh``: a 1-D device
+    mesh the kernel lays the leaves out on, whatever their placement: split along the leading
+    axis, or replicated where that does not divide.
+    ``donate_backbone=True``: the kernel writes the output into the backbone's buffers (the
+    backbone arrays are deleted).
+    ``backend``: ``"kernel"`` or ``"definition"``; None picks the kernel for host arrays, a
+    mesh or sharded inputs, and the definition otherwise.
     """
     masks_by_task = _check_inputs(backbone, tuned_models, core_masks, overlap)
     fn = _check_operator(merge, merge_kwargs)
-    if backend is None:
-        backend = "kernel" if mesh is not None or _on_host(jax.tree_util.tree_leaves(backbone)) else "definition"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "definition" and mesh is not None:
-        raise ValueError("a mesh needs backend='kernel' (the definition runs where its inputs live)")
     n = len(tuned_models)
     paths, b_leaves, treedef = tree_lib.flatten(backbone)
     x_leaves = [list(xs) for xs in zip(*(jax.tree_util.tree_leaves(t) for t in tuned_models))]
     m_leaves = [list(ms) for ms in zip(*masks_by_task)]
+    # With a 1-D mesh the kernel lays the leaves out itself (fusion_kernel.place).
+    on_mesh = mesh is None and _input_mesh(paths, b_leaves, x_leaves, m_leaves) is not None
+    if backend is None:
+        backend = "kernel" if on_mesh or mesh is not None or _on_host(b_leaves) else "definition"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "definition" and mesh is not None:
+        raise ValueError("a mesh needs backend='kernel' (the definition runs where its inputs live)")
     total = sum(int(np.size(b)) for b in b_leaves)  # before any donation
     if merge == "slerp":
         row_slerp, eps, threshold, extras = _slerp_settings(fn, merge_kwargs, n, paths)
 
     if backend == "definition":
         counts = [_leaf_counts(b, tuple(xs), tuple(ms), overlap) for b, xs, ms in zip(b_leaves, x_leaves, m_leaves)]
-        fused = _fused(backbone, tuned_models, masks_by_task, fn, overlap, merge_kwargs)
+        if on_mesh:
+            fused = treedef.unflatten(_sharded_jit(
+                lambda b, ts, ms: jax.tree_util.tree_leaves(_fused(b, ts, ms, fn, overlap, merge_kwargs)),
+                b_leaves)(backbone, list(tuned_models), masks_by_task))
+        else:
+            fused = _fused(backbone, tuned_models, masks_by_task, fn, overlap, merge_kwargs)
         return fused, _report(counts, n, total, merge, overlap)
 
     if merge != "slerp":
         row_slerp, eps, threshold = False, 0.0, 0.0
-        extras = _operator_merge(fn, backbone, tuned_models, masks_by_task, merge_kwargs)
-    outs, counts = fusion_kernel.fuse_leaves(
-        b_leaves, x_leaves, m_leaves, extras, rule=overlap, slerp=merge == "slerp", row_slerp=row_slerp,
-        eps=eps, dot_threshold=threshold, mesh=mesh, donate=donate_backbone)
+        if on_mesh:
+            extras = _sharded_jit(lambda b, ts, ms: _operator_merge(fn, b, ts, ms, merge_kwargs),
+                                  b_leaves)(backbone, list(tuned_models), masks_by_task)
+        else:
+            extras = _operator_merge(fn, backbone, tuned_models, masks_by_task, merge_kwargs)
+    options = dict(rule=overlap, slerp=merge == "slerp", row_slerp=row_slerp, eps=eps,
+                   dot_threshold=threshold, donate=donate_backbone)
+    if on_mesh:
+        outs, counts = fusion_kernel.fuse_sharded_leaves(b_leaves, x_leaves, m_leaves, extras, **options)
+    else:
+        outs, counts = fusion_kernel.fuse_leaves(b_leaves, x_leaves, m_leaves, extras, mesh=mesh, **options)
     return jax.tree_util.tree_unflatten(treedef, outs), _report(counts, n, total, merge, overlap)

@@ -23,8 +23,13 @@ are short float32 accumulations; ``parts`` = devices the leaf is split over, 1 w
 On a mesh (one axis, D devices) a leaf whose leading dimension is a multiple of D is split into
 contiguous blocks of whole rows, the same blocks as ``NamedSharding(mesh, P(axis))``, so the row
 view needs no communication; partial sums are combined with one ``psum`` per leaf. Other leaves
-(odd leading sizes, scalars: normally norm scales and biases) run on the mesh's first device.
+(odd leading sizes, scalars: normally norm scales and biases) are replicated over the mesh.
 Results equal the single-device ones to float32 rounding.
+
+Leaves already sharded with any ``NamedSharding`` (``fuse_sharded_leaves``): both passes of a
+leaf run as one jitted program where the leaf's shards live; jit partitions the reductions (the
+Gram matrix, the counts: exact int32 sums) and adds their all-reduces, and the fused leaf keeps
+the backbone leaf's sharding.
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ from cpift_jax import sphere
 from cpift_jax.row_blocks import BLOCK_MIN_ENTRIES, row_view, submit_row_blocks
 from cpift_jax.transplant import core_value
 
-__all__ = ["check_mesh", "row_view", "is_sharded", "place", "count_layout", "fuse_leaves"]
+__all__ = ["check_mesh", "row_view", "is_sharded", "place", "count_layout", "fuse_leaves",
+           "fuse_sharded_leaves"]
 
 
 # ------------------------------------------------------------------------------ row layouts
@@ -67,12 +73,9 @@ def is_sharded(shape: tuple[int, ...], mesh: Mesh | None) -> bool:
 
 
 def place(x: jax.Array, mesh: Mesh, sharded: bool) -> jax.Array:
-    """``x`` split along its leading axis over ``mesh``, or on the mesh's first device; no copy
-    when ``x`` is already laid out that way."""
-    if sharded:
-        target = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
-    else:
-        target = jax.sharding.SingleDeviceSharding(mesh.devices.flat[0])
+    """``x`` split along its leading axis over ``mesh``, or replicated over it (never on one
+    device, which other hosts could not reach); no copy when ``x`` is already laid out that way."""
+    target = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]) if sharded else PartitionSpec())
     if getattr(x, "sharding", None) is not None and x.sharding.is_equivalent_to(target, x.ndim):
         return x
     return jax.device_put(x, target)
@@ -280,6 +283,47 @@ def fuse_leaves(
     outs, counts = [], []
     for plan, leaf_mesh, args, futures in jobs:
         out, leaf_counts = _finish_leaf(plan, leaf_mesh, donate, args, futures)
+        outs.append(out)
+        counts.append(leaf_counts)
+    return outs, counts
+
+
+# ------------------------------------------------------------------- leaves sharded on a mesh
+
+
+@functools.lru_cache(maxsize=None)
+def _sharded_program(plan: _Plan, sharding: NamedSharding, donate: bool):
+    """Both passes of one leaf in one jitted program; the fused leaf gets ``sharding`` and the
+    counts come back replicated over its mesh (readable by every process)."""
+
+    def run(backbone, xs, ms, extra):
+        view = functools.partial(_view, plan=plan)
+        b2, xs2, ms2 = view(backbone), tuple(map(view, xs)), tuple(map(view, ms))
+        gram, counts = _stats(b2, xs2, ms2, plan=plan)
+        out = _apply(b2, xs2, ms2, extra if plan.slerp else view(extra), gram, plan=plan)
+        return out.reshape(backbone.shape), counts
+
+    replicated = NamedSharding(sharding.mesh, PartitionSpec())
+    return jax.jit(run, out_shardings=(sharding, replicated),
+                   donate_argnums=(0,) if donate else (), keep_unused=donate)
+
+
+def fuse_sharded_leaves(
+    backbone: Sequence[jax.Array], models: Sequence[Sequence], cores: Sequence[Sequence],
+    extras: Sequence, *, rule: str, slerp: bool, row_slerp: bool = False, eps: float = sphere.EPS,
+    dot_threshold: float = sphere.DOT_THRESHOLD, donate: bool = False,
+) -> tuple[list, list]:
+    """``fuse_leaves`` for leaves already sharded with ``NamedSharding``s on one mesh: each fused
+    leaf has its backbone leaf's sharding, nothing is gathered to one device or the host. Same
+    arguments and results as ``fuse_leaves`` (values to float32 rounding, counts exactly)."""
+    n = len(models[0]) if models else 0
+    outs, counts = [], []
+    for b, xs, ms, extra in zip(backbone, models, cores, extras):
+        plan = _Plan(n=n, rule=rule, slerp=slerp, rows=row_slerp and b.ndim >= 2, eps=float(eps),
+                     dot_threshold=float(dot_threshold), parts=1, axis=None)
+        if slerp:  # the fold steps, replicated like the counts
+            extra = jax.device_put(extra, NamedSharding(b.sharding.mesh, PartitionSpec()))
+        out, leaf_counts = _sharded_program(plan, b.sharding, donate)(b, tuple(xs), tuple(ms), extra)
         outs.append(out)
         counts.append(leaf_counts)
     return outs, counts

@@ -3,29 +3,35 @@
 A task's *core region* (CPI-FT, arXiv 2508.21741, Sec. 3.2) is the top ``p`` fraction of
 individual scalar parameters by update magnitude ``|theta_task - theta_base|``, ranked once over
 the whole model (``scope="global"``; the paper uses p = 1%) or, as an option, within each leaf.
-This module builds those masks (``core_mask``), checks them against parameters (``check_mask``),
-measures their overlap (``jaccard``, ``overlap_matrix``) and density (``density``,
-``density_by``, ``density_by_group``), and stores them bit-packed (``pack``, ``unpack``).
+This module builds those masks (``core_mask``). Checking them against parameters
+(``check_mask``), their overlap (``jaccard``, ``overlap_matrix``), density (``density``,
+``density_by``, ``density_by_group``) and host storage (``pack``, ``unpack``) live in
+``cpift_jax.mask_stats`` and are re-exported here.
 
-Thresholds come from ``cpift_jax.select.threshold`` (exact k-th largest by counting passes);
-it is re-exported here as ``masks.threshold``.
+Where the masks are computed: host arrays (NumPy, one CPU device) by the host counting passes
+(``select.top_k``); a model sharded over a mesh shard by shard under ``shard_map``, and a model
+on one accelerator in plain ``jit``, both by the ``select_xla.leaf_*`` passes run leaf by leaf
+(one compiled program per pass and leaf shape, whatever the depth), the NaN/Inf check reduced
+on device to one flag per leaf. Thresholds come from ``cpift_jax.select.threshold``
+(exact k-th largest by counting passes); it is re-exported here as ``masks.threshold``.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import re
-from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cpift_jax import select_xla
 from cpift_jax import tree as tree_lib
+from cpift_jax.mask_stats import (
+    check_mask, density, density_by, density_by_group, jaccard, overlap_matrix, pack, unpack,
+)
 from cpift_jax.select import NonFiniteScores, TopK, count_for_fraction, selected, threshold
 from cpift_jax.select import top_k as select_top_k
 
@@ -36,6 +42,7 @@ __all__ = [
     "threshold",
     "core_mask",
     "core_count",
+    "leaves_mesh",
     "check_mask",
     "jaccard",
     "overlap_matrix",
@@ -98,75 +105,192 @@ _leaf_core_jit = jax.jit(_leaf_core)
 def _leaf_masks(top: TopK, pairs: list[tuple]) -> list[jax.Array]:
     if top.masks is not None:
         return list(top.masks)
-    return [_leaf_core_jit(b, t, *top.leaf_cut(j)) for j, (b, t) in enumerate(pairs)]
+    out = []
+    for j, (b, t) in enumerate(pairs):
+        out.append(_leaf_core_jit(b, t, *top.leaf_cut(j)))
+        # A jit call copies NumPy inputs into device buffers when it is dispatched; with every
+        # leaf queued at once those copies would add up to both models. One leaf at a time
+        # bounds them by the largest leaf's pair.
+        if not isinstance(b, jax.Array) or not isinstance(t, jax.Array):
+            out[j].block_until_ready()
+    return out
 
 
-def _sharded_mesh(paths: list[str], pairs: list[tuple]):
-    """The mesh when the leaves are ``jax.Array``s sharded over several devices, else None.
+def _concrete(x) -> bool:
+    return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
 
-    Then every eligible base and tuned leaf must carry the same ``NamedSharding`` on one mesh.
+
+def leaves_mesh(named_leaves, caller: str) -> Mesh | None:
+    """The mesh when some leaf is a ``jax.Array`` spanning several devices, else None.
+
+    ``named_leaves``: ``(leaf path, role, leaf)`` triples (role: "base", "tuned", "core_masks[1]",
+    ...). Once one leaf spans several devices, every leaf must be a ``jax.Array`` with a
+    ``NamedSharding`` on that one mesh; ValueError naming the leaf and role otherwise.
     """
-    def spans(x):
-        return (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
-                and len(x.sharding.device_set) > 1)
-
-    if not any(spans(x) for pair in pairs for x in pair):
+    named_leaves = list(named_leaves)
+    if not any(_concrete(x) and len(x.sharding.device_set) > 1 for _, _, x in named_leaves):
         return None
     mesh = None
-    for path, (b, t) in zip(paths, pairs):
-        for name, x in (("base", b), ("tuned", t)):
-            if (not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer)
-                    or not isinstance(x.sharding, NamedSharding)):
-                raise ValueError(f"core_mask: leaf '{path}': {name} is not a jax.Array with a "
-                                 f"NamedSharding, while other leaves are sharded over a mesh")
-        if b.sharding != t.sharding:
-            raise ValueError(f"core_mask: leaf '{path}': base has sharding {b.sharding}, tuned "
-                             f"has {t.sharding}; expected the same")
+    for path, role, x in named_leaves:
+        if not _concrete(x) or not isinstance(x.sharding, NamedSharding):
+            raise ValueError(f"{caller}: leaf '{path}': {role} is not a jax.Array with a "
+                             f"NamedSharding, while other leaves are sharded over a mesh")
         if mesh is None:
-            mesh = b.sharding.mesh
-        elif b.sharding.mesh != mesh:
-            raise ValueError(f"core_mask: leaf '{path}' lives on mesh {b.sharding.mesh}, other "
-                             f"leaves on {mesh}; expected one mesh")
+            mesh = x.sharding.mesh
+        elif x.sharding.mesh != mesh:
+            raise ValueError(f"{caller}: leaf '{path}': {role} lives on mesh {x.sharding.mesh}, "
+                             f"other leaves on {mesh}; expected one mesh")
     return mesh
 
 
-@functools.lru_cache(maxsize=64)
-def _sharded_program(mesh, specs: tuple, layouts: tuple, k: int, paths: tuple):
-    """One compiled ``shard_map`` program: exact top-k masks of ``|tuned - base|``, each shard
-    counted where it lives and histograms ``psum``-ed over the axes its leaf is sharded on."""
-
-    def body(bases, tuneds):
-        _, chosen, non_finite = select_xla.top_k_masks(list(zip(bases, tuneds)), k,
-                                                       list(layouts), paths)
-        return chosen, non_finite
-
-    specs = list(specs)
-    replicated = [PartitionSpec()] * len(specs)
-    # out_shardings: the masks carry the parameters' NamedShardings as given (shard_map alone
-    # would report an equivalent, simplified spec, e.g. without size-1 axes).
-    out_shardings = tuple([NamedSharding(mesh, s) for s in p] for p in (specs, replicated))
-    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(specs, specs),
-                                 out_specs=(specs, replicated)), out_shardings=out_shardings)
+def _sharded_mesh(paths: list[str], pairs: list[tuple]):
+    """The mesh when the leaves are sharded over several devices (``leaves_mesh``), else None;
+    then base and tuned of each leaf must carry the same ``NamedSharding``."""
+    mesh = leaves_mesh([(p, name, x) for p, pair in zip(paths, pairs)
+                        for name, x in zip(("base", "tuned"), pair)], "core_mask")
+    for path, (b, t) in zip(paths, pairs):
+        if mesh is not None and b.sharding != t.sharding:
+            raise ValueError(f"core_mask: leaf '{path}': base has sharding {b.sharding}, tuned "
+                             f"has {t.sharding}; expected the same")
+    return mesh
 
 
-def _sharded_top_k(mesh, paths: list[str], pairs: list[tuple], k: int) -> list[jax.Array]:
-    """Core masks of sharded leaves, computed on their devices; masks keep the leaves' shardings."""
+def _on_accelerator(pairs: list[tuple]) -> bool:
+    """Concrete ``jax.Array``s, some of them on a device that is not the CPU."""
+    leaves = [x for pair in pairs for x in pair]
+    return all(_concrete(x) for x in leaves) and any(
+        d.platform != "cpu" for x in leaves for d in x.sharding.device_set)
+
+
+# The device path runs the passes of ``select_xla`` leaf by leaf: one small compiled program per
+# (pass, leaf shape, dtypes, sharding), shared by every leaf alike (all layers of a model), so
+# compile time does not grow with depth. Counts are summed across leaves on device; only the
+# per-leaf NaN/Inf flags and the per-leaf (above, equal) counts come to the host, where the ties
+# are handed out in Python ints.
+
+_PASSES = {  # pass -> (select_xla function, number of replicated scalar arguments)
+    "high": (select_xla.leaf_high_histogram, 0),
+    "low": (select_xla.leaf_low_histogram, 1),
+    "counts": (select_xla.leaf_above_and_equal, 1),
+    "mask": (select_xla.leaf_mask, 2),
+    "cut": (select_xla.leaf_mask_cut, 2),
+}
+
+
+@functools.lru_cache(maxsize=256)
+def _leaf_program(name: str, mesh, shape: tuple, dtypes: tuple, spec):
+    """One pass over one leaf of ``shape``/``dtypes`` (base, tuned) laid out as ``spec`` on
+    ``mesh`` (a ``shard_map`` whose counts are ``psum``-ed over the leaf's axes and returned
+    replicated; masks keep the leaf's sharding), or on one device when ``mesh`` is None.
+    ``dtypes`` is part of the key so that each cached program compiles once."""
+    del dtypes
+    fn, n_scalars = _PASSES[name]
+    layout = select_xla.LeafLayout.from_spec(shape, spec if mesh is not None else PartitionSpec())
+
+    def body(base, tuned, *scalars):
+        return fn((base, tuned), layout, *scalars)
+
+    body.__name__ = f"core_mask_{name}"
+    if mesh is None:
+        return jax.jit(body)
+    is_mask = name in ("mask", "cut")
+    out_spec = spec if is_mask else PartitionSpec()
+    # out_shardings: masks carry the parameters' NamedShardings as given (shard_map alone would
+    # report an equivalent, simplified spec, e.g. without size-1 axes).
+    in_specs = (spec, spec) + (PartitionSpec(),) * n_scalars
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_spec),
+                   out_shardings=NamedSharding(mesh, out_spec))
+
+
+_count_add = jax.jit(select_xla.count_add)
+_pick_digit = jax.jit(select_xla.pick_digit)
+_digits_value = jax.jit(select_xla.digits_value)
+
+
+def _count_value(c) -> int:
+    """A replicated ``Count`` as a Python int (exact at any size)."""
+    return int(np.asarray(c.hi)) * 65536 + int(np.asarray(c.lo))
+
+
+def _split_ties(need: int, ties: list[int]) -> list[int]:
+    """How many of its entries equal to the threshold each leaf takes: ``need`` of them in all,
+    earliest leaves first (``min(ties[j], what is left)``); Python ints, exact at any size."""
+    quotas = []
+    for n in ties:
+        quotas.append(min(n, need))
+        need -= quotas[-1]
+    if need:
+        raise AssertionError(f"_split_ties: {need} entries equal to the threshold left over")
+    return quotas
+
+
+def _check_device_leaves(paths, pairs) -> None:
+    for path, (b, _) in zip(paths, pairs):
+        shard = int(np.prod(b.sharding.shard_shape(b.shape)))
+        if shard >= select_xla.SHARD_LIMIT:
+            raise ValueError(f"core_mask: leaf '{path}': {shard} entries in one shard; shards are "
+                             f"counted in int32 (shard the leaf below 2^31 entries)")
+        if b.size >= 2**32:
+            raise ValueError(f"core_mask: leaf '{path}': {b.size} entries; tie positions are "
+                             f"uint32 (leaves below 2^32 entries)")
+
+
+def _device_top_k(mesh, paths: list[str], pairs: list[tuple], k: int) -> list[jax.Array]:
+    """Core masks computed where the leaves live (sharded over ``mesh``, or on one device when
+    it is None), one leaf at a time (``_leaf_program``); masks keep the leaves' shardings."""
     if k == 0:
         return [jnp.zeros(b.shape, bool, device=b.sharding) for b, _ in pairs]
-    specs = tuple(b.sharding.spec for b, _ in pairs)
-    layouts = tuple(select_xla.LeafLayout.from_spec(b.shape, spec)
-                    for (b, _), spec in zip(pairs, specs))
-    program = _sharded_program(mesh, specs, layouts, k, tuple(paths))
-    chosen, non_finite = program([b for b, _ in pairs], [t for _, t in pairs])
-    for path, bad in zip(paths, non_finite):
-        if bool(bad):
+    _check_device_leaves(paths, pairs)
+    scalar_sharding = (NamedSharding(mesh, PartitionSpec()) if mesh is not None
+                       else pairs[0][0].sharding)
+
+    def scalar(x, dtype):
+        return jax.device_put(np.asarray(x, dtype), scalar_sharding)
+
+    def count(n: int):
+        return select_xla.Count(scalar(n >> 16, np.uint32), scalar(n & 0xFFFF, np.uint32))
+
+    # XLA:CPU runs every device of a program on one shared thread pool, so several collective
+    # programs in flight can starve each other's rendezvous (XLA aborts after 40 s): on CPU each
+    # sharded pass finishes before the next is dispatched. Accelerators queue them per device.
+    one_at_a_time = mesh is not None and all(d.platform == "cpu" for d in mesh.devices.flat)
+
+    def run(name, j, *scalars):
+        b, t = pairs[j]
+        spec = b.sharding.spec if mesh is not None else None
+        out = _leaf_program(name, mesh, tuple(b.shape), (b.dtype, t.dtype), spec)(b, t, *scalars)
+        return jax.block_until_ready(out) if one_at_a_time else out
+
+    def summed(outputs):  # (Count, ...) per leaf -> the Counts' sum, the rest per leaf
+        acc, rest = None, []
+        for c, *more in outputs:  # a generator: each leaf's histogram is freed once added
+            acc = c if acc is None else _count_add(acc, c)
+            rest.append(more)
+        return acc, rest
+
+    leaves = range(len(pairs))
+    hist, flags = summed(run("high", j) for j in leaves)
+    for path, (bad,) in zip(paths, flags):
+        if bool(np.asarray(bad)):
             raise ValueError(f"core_mask: leaf '{path}': |tuned - base| has NaN or Inf entries")
-    return list(chosen)
+    high, rank = _pick_digit(hist, count(k))
+    low, _ = _pick_digit(summed((run("low", j, high),) for j in leaves)[0], rank)
+    v = _digits_value(high, low)
+    outputs = [run("counts", j, v) for j in leaves]  # all dispatched before any is read
+    counts = [(_count_value(above), _count_value(equal)) for above, equal in outputs]
+    quotas = _split_ties(k - sum(above for above, _ in counts), [equal for _, equal in counts])
+    masks_ = []
+    for j, ((_, equal), quota) in enumerate(zip(counts, quotas)):
+        if 0 < quota < equal:
+            masks_.append(run("cut", j, v, count(quota)))
+        else:
+            masks_.append(run("mask", j, v, scalar(quota > 0, bool)))
+    return masks_
 
 
 def _top_k(paths: list[str], pairs: list[tuple], k: int, mesh=None) -> list[jax.Array]:
-    if mesh is not None:
-        return _sharded_top_k(mesh, paths, pairs, k)
+    if mesh is not None or _on_accelerator(pairs):
+        return _device_top_k(mesh, paths, pairs, k)
     try:
         top = select_top_k(pairs, k, finite=True)
     except NonFiniteScores as err:
@@ -207,8 +331,10 @@ def core_mask(
 
     Sharded models: when the leaves are ``jax.Array``s spanning several devices (each with a
     ``NamedSharding`` on one mesh, base and tuned alike), the masks are computed where the
-    shards live (``select_xla.top_k_masks`` under ``shard_map``: exact counts at any size, no
-    host gather) and come back with the parameters' shardings; same masks as one device.
+    shards live (the ``select_xla.leaf_*`` passes under ``shard_map``, one program per leaf
+    shape: exact counts at any size, no host gather) and come back with the parameters'
+    shardings; same masks as one device. A model on one accelerator runs the same passes
+    without ``shard_map``.
 
     Returns:
       A bool pytree with the structure of ``base``.
@@ -216,7 +342,8 @@ def core_mask(
     Raises:
       ValueError: fraction outside (0, 1]; unknown scope; base/tuned mismatch (names the leaf);
         non-float leaves; include/exclude leaving no eligible leaf; NaN or Inf in a delta
-        (names the leaf). The NaN/Inf check reads the values, so under ``jit`` it is skipped:
+        (names the leaf; on device the check is reduced there and one flag per leaf is read).
+        The NaN/Inf check needs concrete values, so under ``jit`` it is skipped:
         there a NaN delta makes the threshold NaN and the affected masks all-False, and an
         Inf delta ranks as the largest.
     """
@@ -248,184 +375,6 @@ def core_mask(
         sharding = getattr(leaf, "sharding", None) if mesh is not None else None
         return jnp.zeros(np.shape(leaf), bool, device=sharding)
 
-    out = [no_core(leaf) for leaf in base_leaves]
-    for i, mask in zip(index, chosen):
-        out[i] = mask
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
-# ---------------------------------------------------------------------------------- inspecting
-
-
-def _whole_leaf(leaf) -> bool:
-    return leaf is None or isinstance(leaf, (bool, np.bool_))
-
-
-def check_mask(params: Pytree | None, mask: Pytree, *, names: tuple[str, str] = ("params", "mask"),
-               whole_leaves: bool = False) -> list:
-    """The leaves of ``mask`` in ``params``' flatten order, checked; the one mask validator.
-
-    Leaves are matched by leaf path (so a dict mask fits an ``nnx.State``); ``mask`` must hold
-    exactly ``params``' paths, and each leaf must have its parameter's shape and dtype bool.
-    ``whole_leaves=True`` also takes None or a Python bool for a whole leaf (returned as is).
-    ``params=None`` checks the dtypes alone. ValueError naming the first offending leaf path.
-    """
-    with_path, _ = jax.tree_util.tree_flatten_with_path(mask, is_leaf=_whole_leaf if whole_leaves else None)
-    by_path = {tree_lib.path_str(kp): leaf for kp, leaf in with_path}
-    if params is None:
-        paths, shapes = list(by_path), [None] * len(by_path)
-    else:
-        paths, p_leaves, _ = tree_lib.flatten(params)
-        shapes = [tuple(np.shape(x)) for x in p_leaves]
-        for path in sorted(set(paths) ^ set(by_path)):
-            where = names[::-1] if path in by_path else names
-            raise ValueError(f"leaf '{path}' is in {where[0]} but missing from {where[1]}")
-    out = []
-    for path, shape in zip(paths, shapes):
-        leaf = by_path[path]
-        if not (whole_leaves and _whole_leaf(leaf)):
-            if shape is not None and tuple(np.shape(leaf)) != shape:
-                raise ValueError(f"leaf '{path}': {names[0]} has shape {shape}, "
-                                 f"{names[1]} has shape {tuple(np.shape(leaf))}")
-            dtype = getattr(leaf, "dtype", None)
-            if dtype != np.bool_:
-                hint = " (a bit-packed mask? unpack it first)" if dtype == np.uint8 else ""
-                raise ValueError(f"leaf '{path}': {names[1]} has dtype {dtype}, expected bool{hint}")
-        out.append(leaf)
-    return out
-
-
-def _bool_leaves(mask: Pytree, name: str) -> tuple[list[str], list[np.ndarray]]:
-    """Leaf paths and flattened NumPy arrays of a bool pytree (dtypes checked by ``check_mask``)."""
-    leaves = check_mask(None, mask, names=(name, name))
-    return tree_lib.leaf_paths(mask), [np.asarray(leaf).reshape(-1) for leaf in leaves]
-
-
-def jaccard(mask_a: Pytree, mask_b: Pytree) -> float:
-    """``|A & B| / |A | B|`` over all leaves; 1.0 when both masks are empty (identical sets)."""
-    tree_lib.check_same_shapes(mask_a, mask_b, names=("mask_a", "mask_b"))
-    _, a = _bool_leaves(mask_a, "mask_a")
-    _, b = _bool_leaves(mask_b, "mask_b")
-    inter = sum(np.count_nonzero(x & y) for x, y in zip(a, b))
-    union = sum(np.count_nonzero(x | y) for x, y in zip(a, b))
-    return 1.0 if union == 0 else inter / union
-
-
-def _packed_words(flat: np.ndarray) -> np.ndarray:
-    """Bool vector -> uint64 words (8 entries per byte, zero-padded)."""
-    packed = np.packbits(flat)
-    packed = np.concatenate([packed, np.zeros(-packed.size % 8, np.uint8)])
-    return packed.view(np.uint64)
-
-
-def overlap_matrix(masks: Sequence[Pytree]) -> np.ndarray:
-    """Pairwise Jaccard matrix (N, N) float64; symmetric, diagonal 1.
-
-    Intersections are popcounts of AND-ed bit-packed words, leaf by leaf, so memory stays at
-    N bit-packed copies of one leaf (D/8 bytes per mask for a 1e8-entry leaf: 12.5 MB).
-    """
-    masks = list(masks)
-    if not masks:
-        raise ValueError("overlap_matrix: need at least one mask")
-    for i, m in enumerate(masks[1:], start=1):
-        tree_lib.check_same_shapes(masks[0], m, names=("masks[0]", f"masks[{i}]"))
-    per_mask = [_bool_leaves(m, f"masks[{i}]")[1] for i, m in enumerate(masks)]
-    n = len(masks)
-    inter = np.zeros((n, n), np.int64)
-    for leaf in range(len(per_mask[0])):
-        words = [_packed_words(leaves[leaf]) for leaves in per_mask]
-        for i in range(n):
-            for j in range(i, n):
-                inter[i, j] += int(np.bitwise_count(words[i] & words[j]).sum())
-    sizes = np.diag(inter).copy()
-    inter = np.triu(inter) + np.triu(inter, 1).T
-    union = sizes[:, None] + sizes[None, :] - inter
-    out = np.ones((n, n), np.float64)
-    np.divide(inter, union, out=out, where=union > 0)
-    return out
-
-
-def density(mask: Pytree) -> dict:
-    """``{"per_leaf": {path: fraction True}, "total": fraction True, "count": int}``.
-
-    Empty leaves (size 0) have density 0.0.
-    """
-    paths, arrays = _bool_leaves(mask, "mask")
-    counts = [int(np.count_nonzero(a)) for a in arrays]
-    sizes = [a.size for a in arrays]
-    total = sum(sizes)
-    return {
-        "per_leaf": {p: c / s if s else 0.0 for p, c, s in zip(paths, counts, sizes)},
-        "total": sum(counts) / total if total else 0.0,
-        "count": sum(counts),
-    }
-
-
-def density_by_group(mask: Pytree, key_fn: Callable[[str], Hashable]) -> dict:
-    """Density per group of leaves: ``{key_fn(path): {"count", "size", "density"}}``.
-
-    Every leaf lands in the group ``key_fn`` returns for its path (None is a group like any
-    other). Groups appear in order of first leaf. E.g. ``density_by_group(m,
-    tree.layer_index)`` for per-layer densities.
-    """
-    paths, arrays = _bool_leaves(mask, "mask")
-    groups: dict = {}
-    for path, a in zip(paths, arrays):
-        g = groups.setdefault(key_fn(path), {"count": 0, "size": 0})
-        g["count"] += int(np.count_nonzero(a))
-        g["size"] += a.size
-    for g in groups.values():
-        g["density"] = g["count"] / g["size"] if g["size"] else 0.0
-    return groups
-
-
-def density_by(mask: Pytree, rules: Sequence[tuple[str, Hashable]]) -> dict:
-    """``density_by_group`` with groups from ordered ``(regex, group)`` rules.
-
-    First ``re.fullmatch`` wins and every leaf must match a rule (``tree.resolve_rules``), e.g.
-    ``[(r".*attn.*", "attention"), (r".*mlp.*", "mlp"), (r".*", "other")]``.
-    """
-    rules = list(rules)
-    tree_lib.resolve_rules(mask, rules)  # checks the regexes and that every leaf is covered
-    return density_by_group(mask, lambda path: tree_lib.match_rule(path, rules))
-
-
-# ------------------------------------------------------------------------------------- storage
-
-
-def pack(mask: Pytree) -> Pytree:
-    """Bool pytree -> pytree of uint8 NumPy arrays, 8 entries per byte (``np.packbits`` order).
-
-    Each leaf is flattened row-major and packed to ``ceil(size / 8)`` bytes; the shapes are not
-    stored (``unpack`` takes them from ``like``).
-    """
-    paths, arrays = _bool_leaves(mask, "mask")
-    treedef = jax.tree_util.tree_structure(mask)
-    return jax.tree_util.tree_unflatten(treedef, [np.packbits(a) for a in arrays])
-
-
-def unpack(packed: Pytree, like: Pytree) -> Pytree:
-    """Inverse of ``pack``: bool NumPy arrays with the structure and shapes of ``like``.
-
-    ``like`` holds arrays or ``jax.ShapeDtypeStruct``s. Leaves are matched by path, so a packed
-    tree restored as a plain dict unpacks against an ``nnx.State``. ValueError names the first
-    leaf that is missing, extra, not uint8, or of the wrong byte length for its shape.
-    """
-    p_paths, p_leaves, _ = tree_lib.flatten(packed)
-    l_paths, l_leaves, treedef = tree_lib.flatten(like)
-    by_path = dict(zip(p_paths, p_leaves))
-    for path in sorted(set(p_paths) ^ set(l_paths)):
-        where = "packed" if path in by_path else "like"
-        raise ValueError(f"unpack: leaf '{path}' is only in {where}")
-    out = []
-    for path, ref in zip(l_paths, l_leaves):
-        shape = tuple(np.shape(ref))
-        size = math.prod(shape)
-        data = np.asarray(by_path[path])
-        if data.dtype != np.uint8 or data.ndim != 1 or data.size != -(-size // 8):
-            raise ValueError(
-                f"unpack: leaf '{path}': expected {-(-size // 8)} packed uint8 bytes for shape "
-                f"{shape}, got {data.dtype} array of shape {data.shape}"
-            )
-        out.append(np.unpackbits(data, count=size).astype(bool).reshape(shape))
+    by_index = dict(zip(index, chosen))  # all-False leaves only where no mask was computed
+    out = [by_index[i] if i in by_index else no_core(leaf) for i, leaf in enumerate(base_leaves)]
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -22,6 +22,10 @@ mesh axes that leaf is sharded on (``axes``; leaves with the same axes share one
 a copy replicated over another axis is counted once. Loop carries are cast to the leaf's
 varying axes, so the default ``check_vma=True`` holds.
 
+Two entry points: ``kth_largest`` traces all leaves into the caller's program (a threshold
+inside a user's ``jit``); the ``leaf_*`` passes take one leaf each, so exact top-k masks
+(``masks.core_mask`` on devices) compile one small program per leaf shape whatever the depth.
+
 Scatter-adds run over 64k-entry chunks in a ``fori_loop`` so no leaf-sized temporary is
 written. A source is an array of scores or a pair ``(a, b)`` standing for ``|b - a|`` in
 float32, computed chunk by chunk. On CPU this is slower than ``np.partition`` (XLA CPU scatter
@@ -38,19 +42,21 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from cpift_jax.select_host import INF_BITS, NEG_ZERO_BITS
 
 __all__ = ["Count", "LeafLayout", "count_of", "count_const", "count_add", "count_sub",
            "count_ge", "count_psum", "pick_digit", "leaf_axes", "kth_largest", "kth_largest_jit",
-           "top_k_masks", "count_above_and_equal", "SHARD_LIMIT", "MAX_SHARDS"]
+           "leaf_high_histogram", "leaf_low_histogram", "digits_value", "leaf_above_and_equal",
+           "leaf_mask", "leaf_mask_cut", "count_above_and_equal", "SHARD_LIMIT", "MAX_SHARDS"]
 
 _CHUNK = 1 << 16  # entries per fori_loop step
 _BINS = 1 << 16  # one histogram bin per 16-bit digit; index _BINS is dropped
 SHARD_LIMIT = 2**31  # entries of one leaf shard (counted in int32)
 MAX_SHARDS = 2**15  # shards one psum may combine (lo limbs < 2^16 each)
-_LIMB = jnp.uint32(0xFFFF)
+_LIMB = np.uint32(0xFFFF)  # a NumPy constant: importing this module starts no backend
 
 
 # ------------------------------------------------------------------------- counts in two limbs
@@ -264,11 +270,11 @@ def _local_histogram(src, digit_of) -> jax.Array:
     return _fold_chunks(src, step, _varying_zeros(src, _BINS, jnp.int32))
 
 
-def _histogram(sources, axes, digit_of, local=None) -> Count:
-    """Global ``Count`` histogram over all sources; ``local`` reuses per-source int32 ones."""
+def _histogram(sources, axes, digit_of) -> Count:
+    """Global ``Count`` histogram of ``digit_of`` over all sources."""
     groups: dict[tuple, Count] = {}
-    for j, (src, ax) in enumerate(zip(sources, axes)):
-        h = count_of(local[j] if local is not None else _local_histogram(src, digit_of))
+    for src, ax in zip(sources, axes):
+        h = count_of(_local_histogram(src, digit_of))
         groups[ax] = count_add(groups[ax], h) if ax in groups else h
     total = None
     for ax, c in groups.items():
@@ -277,21 +283,14 @@ def _histogram(sources, axes, digit_of, local=None) -> Count:
     return total
 
 
-def _kth_largest(sources, k: Count, axes) -> tuple[jax.Array, list[jax.Array]]:
-    """(k-th largest value, per-source local high-digit histograms)."""
-    high_local = [_local_histogram(s, lambda c, _: _high_digit(_score_bits(c))) for s in sources]
-    hist = _histogram(sources, axes, None, high_local)
+def _kth_largest(sources, k: Count, axes) -> jax.Array:
+    """The k-th largest value over all sources (NaN if a score is NaN or negative)."""
+    hist = _histogram(sources, axes, lambda c, _: _high_digit(_score_bits(c)))
     invalid = _count_nonzero(_count_index(hist, 0xFFFF))
     high, k_low = pick_digit(hist, k)
 
-    def low_digit(chunk, _):
-        bits = _score_bits(chunk)
-        return jnp.where(_high_digit(bits) == high, (bits & 0xFFFF).astype(jnp.int32), _BINS)
-
-    low, _ = pick_digit(_histogram(sources, axes, low_digit), k_low)
-    bits = (high.astype(jnp.uint32) << 16) | low.astype(jnp.uint32)
-    value = lax.bitcast_convert_type(bits, jnp.float32)
-    return jnp.where(invalid, jnp.float32(jnp.nan), value), high_local
+    low, _ = pick_digit(_histogram(sources, axes, _low_digit_among(high)), k_low)
+    return jnp.where(invalid, jnp.float32(jnp.nan), digits_value(high, low))
 
 
 def kth_largest(sources: list, k: int, axis_name=None, paths: tuple[str, ...] | None = None
@@ -302,13 +301,70 @@ def kth_largest(sources: list, k: int, axis_name=None, paths: tuple[str, ...] | 
     ``paths`` name the leaves in errors."""
     axes = leaf_axes(axis_name, len(sources))
     _check_sources(sources, axes, paths)
-    return _kth_largest(sources, count_const(k), axes)[0]
+    return _kth_largest(sources, count_const(k), axes)
 
 
 kth_largest_jit = jax.jit(kth_largest, static_argnums=(1, 2, 3))
 
 
-# ------------------------------------------------------------------------------ exact top-k
+# --------------------------------------------------------------- exact top-k, one leaf at a time
+#
+# The passes of an exact top-k over many leaves, each over ONE leaf (a shard of it inside
+# ``shard_map``, with ``layout`` saying where the shard sits), so that a caller compiles one
+# program per leaf shape and sums the returned counts across leaves itself:
+#   1. ``leaf_high_histogram``: high-digit histogram (+ NaN/Inf flag); sum; ``pick_digit`` with k;
+#   2. ``leaf_low_histogram``: low digits of the entries with that high digit; sum; ``pick_digit``
+#      with the rank left; ``digits_value`` gives the threshold v;
+#   3. ``leaf_above_and_equal``: entries above v and equal to v; the caller hands the k - above
+#      entries equal to v to the leaves in order (earliest first);
+#   4. ``leaf_mask`` (a leaf takes all or none of its entries equal to v) or ``leaf_mask_cut``
+#      (it takes its first ``rank`` ones in global row-major order).
+# Every count returned is a ``Count`` summed over the leaf's sharded mesh axes (replicated).
+
+
+def _check_leaf(src, layout: LeafLayout) -> None:
+    _check_sources([src], [layout.axes], None)
+
+
+def leaf_high_histogram(src, layout: LeafLayout) -> tuple[Count, jax.Array]:
+    """Pass 1 over one leaf: the ``Count`` histogram of the scores' high digits, and whether
+    the leaf holds NaN, negative or Inf scores (high digits 0xFFFF and +inf's 0x7F80)."""
+    _check_leaf(src, layout)
+    hist = _histogram([src], [layout.axes], lambda c, _: _high_digit(_score_bits(c)))
+    bad = (_count_nonzero(_count_index(hist, INF_BITS >> 16))
+           | _count_nonzero(_count_index(hist, 0xFFFF)))
+    return hist, bad
+
+
+def _low_digit_among(high: jax.Array):
+    """Low digit of scores whose high digit is ``high``; ``_BINS`` (dropped) for the others."""
+
+    def low_digit(chunk, _):
+        bits = _score_bits(chunk)
+        return jnp.where(_high_digit(bits) == high, (bits & 0xFFFF).astype(jnp.int32), _BINS)
+
+    return low_digit
+
+
+def leaf_low_histogram(src, layout: LeafLayout, high: jax.Array) -> Count:
+    """Pass 2 over one leaf: the ``Count`` histogram of the low digits of the scores whose high
+    digit is ``high`` (int32 scalar)."""
+    _check_leaf(src, layout)
+    return _histogram([src], [layout.axes], _low_digit_among(high))
+
+
+def digits_value(high: jax.Array, low: jax.Array) -> jax.Array:
+    """The float32 value whose bits are ``high * 2^16 + low``."""
+    bits = (high.astype(jnp.uint32) << 16) | low.astype(jnp.uint32)
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def leaf_above_and_equal(src, layout: LeafLayout, v: jax.Array) -> tuple[Count, Count]:
+    """Pass 3 over one leaf: ``(count(score > v), count(score == v))`` as ``Count``s."""
+    _check_leaf(src, layout)
+    n_above, n_equal = count_above_and_equal(src, v)
+    return (count_psum(count_of(n_above), layout.axes),
+            count_psum(count_of(n_equal), layout.axes))
 
 
 def _scores_and_index(src, layout: LeafLayout):
@@ -346,50 +402,28 @@ def _tie_cut(src, layout: LeafLayout, v, rank: Count) -> jax.Array:
     return ((0xFFFF - high).astype(jnp.uint32) << 16) | (0xFFFF - low).astype(jnp.uint32)
 
 
-def top_k_masks(sources: list, k: int, layouts: list[LeafLayout],
-                paths: tuple[str, ...] | None = None):
-    """Exactly k entries over ``sources`` (arrays or pairs ``(a, b)`` for ``|b - a|``), as one
-    bool mask per source: all above the k-th largest value v, then the entries equal to v
-    earliest first (leaf order, then global row-major index) -- the rule of ``select.top_k``.
+def _check_tie_positions(layout: LeafLayout) -> None:
+    if math.prod(layout.shape) >= 2**32:
+        raise ValueError(f"scores leaf of shape {layout.shape}: {math.prod(layout.shape)} entries; "
+                         f"tie positions are uint32 (leaves below 2^32)")
 
-    Inside ``shard_map`` each source is a shard and ``layouts[j]`` says where it sits (leaf
-    shape, mesh axes per dimension); outside, layouts with no axes. Returns ``(v, masks,
-    non_finite)``: ``non_finite[j]`` is True when source j holds NaN, negative or Inf scores
-    (then v may be NaN and the masks all-False). ``1 <= k`` and global leaves below 2^32.
-    """
-    axes = [layout.axes for layout in layouts]
-    _check_sources(sources, axes, paths)
-    for j, layout in enumerate(layouts):
-        if math.prod(layout.shape) >= 2**32:
-            raise ValueError(f"scores leaf '{paths[j] if paths else j}': {math.prod(layout.shape)} "
-                             f"entries; tie positions are uint32 (leaves below 2^32)")
-    k_count = count_const(k)
-    v, high_local = _kth_largest(sources, k_count, axes)
-    inf_digit = INF_BITS >> 16  # a high digit of 0x7F80 is +inf exactly; above it NaN/negative
-    non_finite = [count_psum(count_of(h[inf_digit] + h[0xFFFF]), ax)
-                  for h, ax in zip(high_local, axes)]
 
-    def counts(src, ax):
-        n_above, n_ties = count_above_and_equal(src, v)
-        return count_psum(count_of(n_above), ax), count_psum(count_of(n_ties), ax)
+def leaf_mask(src, layout: LeafLayout, v: jax.Array, ties: jax.Array) -> jax.Array:
+    """Pass 4 over one leaf: the entries above ``v``, and those equal to it when ``ties``."""
+    _check_leaf(src, layout)
+    scores, _ = _scores_and_index(src, layout)
+    return (scores > v) | ((scores == v) & ties)
 
-    per_leaf = [counts(s, ax) for s, ax in zip(sources, axes)]
-    above = per_leaf[0][0]
-    for n_above, _ in per_leaf[1:]:
-        above = count_add(above, n_above)
-    fits = count_ge(k_count, above)  # False only when v is NaN
-    need = _count_where(fits, count_sub(k_count, above), count_const(0))  # ties to take
-    masks, before = [], count_const(0)
-    for src, layout, (_, n_ties) in zip(sources, layouts, per_leaf):
-        left = _count_where(count_ge(need, before), count_sub(need, before), count_const(0))
-        take_all = count_ge(left, n_ties)
-        cut = ~take_all & _count_nonzero(left)
-        last = lax.cond(cut, lambda s=src, lo=layout, r=left: _tie_cut(s, lo, v, r),
-                        lambda: jnp.uint32(0))
-        scores, index = _scores_and_index(src, layout)
-        masks.append((scores > v) | ((scores == v) & (take_all | (cut & (index <= last)))))
-        before = count_add(before, n_ties)
-    return v, masks, [_count_nonzero(c) for c in non_finite]
+
+def leaf_mask_cut(src, layout: LeafLayout, v: jax.Array, rank: Count) -> jax.Array:
+    """Pass 4 over the one leaf where the ties are cut: the entries above ``v`` and the first
+    ``rank`` (``1 <= rank <= count(score == v)``) entries equal to ``v`` in global row-major
+    order, found by two more counting passes (``_tie_cut``)."""
+    _check_leaf(src, layout)
+    _check_tie_positions(layout)
+    last = _tie_cut(src, layout, v, rank)
+    scores, index = _scores_and_index(src, layout)
+    return (scores > v) | ((scores == v) & (index <= last))
 
 
 def count_above_and_equal(x, v: jax.Array) -> tuple[jax.Array, jax.Array]:

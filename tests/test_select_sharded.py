@@ -102,20 +102,27 @@ def test_threshold_lowers_for_more_than_2_pow_31_entries():
     assert lowered.out_info.shape == () and lowered.out_info.dtype == jnp.float32
 
 
-def test_sharded_top_k_lowers_for_more_than_2_pow_31_entries():
+def test_per_leaf_core_mask_programs_lower_for_a_leaf_of_more_than_2_pow_31_entries():
+    """Every per-leaf pass of the sharded core mask lowers with abstract inputs for one leaf of
+    2^31 + 2^18 bfloat16 entries (2^28 per shard on 8 devices)."""
     mesh = _mesh((8, 1))
     spec = P("x", "y")
-    shapes = [jax.ShapeDtypeStruct((2**16, 2**15), jnp.bfloat16,
-                                   sharding=NamedSharding(mesh, spec))] * 2  # 2^32 entries
-    layouts = [select_xla.LeafLayout.from_spec(s.shape, spec) for s in shapes]
+    shape = (2**16 + 8, 2**15)
+    leaf = jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=NamedSharding(mesh, spec))
+    assert leaf.size > 2**31
 
-    def body(a, b):
-        _, chosen, _ = select_xla.top_k_masks(list(zip(a, b)), 2**32 // 100, layouts)
-        return chosen
+    def scalar(dtype):
+        return jax.ShapeDtypeStruct((), dtype, sharding=NamedSharding(mesh, P()))
 
-    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=([spec] * 2, [spec] * 2),
-                              out_specs=[spec] * 2))
-    f.lower(shapes, shapes)
+    count = select_xla.Count(scalar(jnp.uint32), scalar(jnp.uint32))
+    scalars = {"high": (), "low": (scalar(jnp.int32),), "counts": (scalar(jnp.float32),),
+               "mask": (scalar(jnp.float32), scalar(jnp.bool_)), "cut": (scalar(jnp.float32), count)}
+    assert set(scalars) == set(masks._PASSES)
+    for name, args in scalars.items():
+        program = masks._leaf_program(name, mesh, shape, (leaf.dtype, leaf.dtype), spec)
+        lowered = program.lower(leaf, leaf, *args)
+        if name in ("mask", "cut"):
+            assert lowered.out_info.shape == shape and lowered.out_info.dtype == jnp.bool_
 
 
 def test_a_leaf_shard_of_2_pow_31_entries_is_refused_by_name():
