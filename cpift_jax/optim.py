@@ -13,7 +13,10 @@ small GradientTransformation that replaces the update of every frozen entry by `
 The mask lives in the transformation's *state*, not in a closure: a closed-over array becomes a
 constant embedded in every jitted program that calls ``update`` (measured: a 20M-entry mask adds
 40 MB of HLO text and 0.5 s of compile time; XLA protos cap out at 2 GB), whereas state is an
-ordinary argument of the jitted step.
+ordinary argument of the jitted step. It has the parameters' structure (``FreezeState``), so the
+sharding rules that place a parameter place its mask too. Likewise the learning-rate schedule's
+numbers and step count are state (``ScheduleState``): one compiled step serves stages of any
+length, peak and warm-up.
 """
 
 from __future__ import annotations
@@ -41,6 +44,15 @@ __all__ = [
     "make",
     "default_config",
     "learning_rate_schedule",
+    "schedule_value",
+    "schedule_numbers",
+    "scale_by_schedule",
+    "ScheduleNumbers",
+    "ScheduleState",
+    "compile_key",
+    "freeze_pattern",
+    "split_freeze_mask",
+    "join_freeze_mask",
     "SCHEDULES",
     "DEFAULT_WEIGHT_DECAY_MASK",
 ]
@@ -49,10 +61,11 @@ SCHEDULES = ("cosine", "constant", "linear")
 
 
 class FreezeState(NamedTuple):
-    """One entry per parameter leaf, in flatten order: its bool mask, or None where the whole
-    leaf's freezing is fixed by a Python bool (or None) in the user's mask."""
+    """The freeze mask with the parameters' structure (so sharding rules that match a leaf
+    path's tail give it its parameter's sharding): a bool array per leaf, or None where the
+    whole leaf's freezing is fixed by a Python bool (or None) in the user's mask."""
 
-    mask: tuple
+    mask: Any
 
 
 def _is_static(leaf) -> bool:
@@ -63,6 +76,45 @@ def _mask_by_path(mask: Pytree) -> dict[str, Any]:
     """Leaf path -> mask leaf; None and Python bools are kept as leaves (whole-leaf settings)."""
     with_path, _ = jax.tree_util.tree_flatten_with_path(mask, is_leaf=_is_static)
     return {tree_lib.path_str(kp): leaf for kp, leaf in with_path}
+
+
+def freeze_pattern(mask: Pytree | None) -> tuple | None:
+    """The part of a freeze mask that shapes a compiled program, hashable: ``((path, kind),
+    ...)`` with kind ``"array"`` for an element-wise leaf and True / False for a whole leaf
+    (None counts as False); None for no mask. Masks with one pattern share a compiled step."""
+    if mask is None:
+        return None
+    return tuple(
+        (path, "array" if not _is_static(leaf) else bool(leaf))
+        for path, leaf in _mask_by_path(mask).items()
+    )
+
+
+def split_freeze_mask(mask: Pytree, params: Pytree) -> tuple[tuple, Pytree]:
+    """``(freeze_pattern(mask), arrays)``: ``mask`` checked against ``params`` (ValueError
+    naming the leaf) and its bool arrays in the parameters' structure, None at whole-leaf
+    entries. ``join_freeze_mask(pattern, arrays)`` gives an equivalent mask back."""
+    entries = masks_lib.check_mask(params, mask, whole_leaves=True)
+    treedef = jax.tree_util.tree_structure(params)
+    arrays = jax.tree_util.tree_unflatten(
+        treedef, [None if _is_static(m) else m for m in entries]
+    )
+    return freeze_pattern(mask), arrays
+
+
+def join_freeze_mask(pattern: tuple, arrays: Pytree) -> Pytree:
+    """The mask that ``split_freeze_mask`` split: the whole-leaf values of ``pattern`` put back
+    at the None entries of ``arrays`` (arrays or tracers elsewhere)."""
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(arrays, is_leaf=lambda x: x is None)
+    kinds = dict(pattern)
+    leaves = []
+    for keypath, leaf in with_path:
+        path = tree_lib.path_str(keypath)
+        kind = kinds.get(path)
+        if kind is None:
+            raise ValueError(f"leaf '{path}' is in the mask arrays but not in the freeze pattern")
+        leaves.append(leaf if kind == "array" else kind)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def _frozen_update(update: jax.Array, frozen) -> jax.Array:
@@ -84,31 +136,38 @@ def freeze(mask: Pytree | None) -> optax.GradientTransformation:
         parameter's shape (True = frozen), or a Python bool / None for a whole leaf (None and
         False: nothing frozen; True: the whole leaf frozen). ``mask=None``: nothing frozen.
         The mask is checked against ``params`` in ``init`` (ValueError naming the leaf path) and
-        its arrays are kept in the returned ``FreezeState``. Call ``init`` outside ``jit`` so
-        that the mask is not baked into the compiled ``init`` as a constant.
+        its arrays are kept in the returned ``FreezeState`` in the parameters' structure.
+        Call ``init`` outside ``jit``, or under ``jit`` with the mask's arrays as arguments,
+        so that the mask is not baked into a compiled program as a constant.
     """
     by_path = {} if mask is None else _mask_by_path(mask)
+    # The whole-leaf settings are all that `update` needs besides the state; keeping the mask
+    # arrays out of its closure lets a cached compiled step outlive the mask it was built for.
+    whole_leaves = {path: bool(leaf) for path, leaf in by_path.items() if _is_static(leaf)}
 
     def init_fn(params):
         if mask is None:
-            return FreezeState(mask=tuple(None for _ in jax.tree_util.tree_leaves(params)))
-        entries = masks_lib.check_mask(params, mask, whole_leaves=True)
-        return FreezeState(mask=tuple(None if _is_static(m) else jnp.asarray(m, dtype=jnp.bool_)
-                                      for m in entries))
+            entries = [None] * len(jax.tree_util.tree_leaves(params))
+        else:
+            entries = masks_lib.check_mask(params, mask, whole_leaves=True)
+        leaves = [None if _is_static(m) else jnp.asarray(m, dtype=jnp.bool_) for m in entries]
+        treedef = jax.tree_util.tree_structure(params)
+        return FreezeState(mask=jax.tree_util.tree_unflatten(treedef, leaves))
 
     def update_fn(updates, state, params=None):
         del params
         paths, leaves, treedef = tree_lib.flatten(updates)
-        if len(leaves) != len(state.mask):
+        try:
+            mask_leaves = treedef.flatten_up_to(state.mask)
+        except (ValueError, TypeError) as err:
             raise ValueError(
-                f"updates have {len(leaves)} leaves but the freeze mask was initialised for "
-                f"{len(state.mask)}"
-            )
+                f"the freeze mask in the optimizer state does not have the updates' structure "
+                f"({len(leaves)} leaves, first '{paths[0] if paths else None}'): {err}"
+            ) from None
         out = []
-        for path, update, m in zip(paths, leaves, state.mask):
+        for path, update, m in zip(paths, leaves, mask_leaves):
             if m is None:
-                m = bool(by_path.get(path) or False)
-                out.append(_frozen_update(update, True) if m else update)
+                out.append(_frozen_update(update, True) if whole_leaves.get(path) else update)
             else:
                 out.append(_frozen_update(update, m))
         return jax.tree_util.tree_unflatten(treedef, out), state
@@ -132,14 +191,15 @@ def freeze_around(
     from moving a frozen entry. The mask is stored once for both passes.
     """
     mask_tx = freeze(mask)
+    mask_init, mask_update = mask_tx.init, mask_tx.update  # update's closure holds no arrays
 
     def init_fn(params):
-        return FreezeAroundState(freeze=mask_tx.init(params), inner=inner.init(params))
+        return FreezeAroundState(freeze=mask_init(params), inner=inner.init(params))
 
     def update_fn(updates, state, params=None):
-        updates, _ = mask_tx.update(updates, state.freeze)
+        updates, _ = mask_update(updates, state.freeze)
         updates, inner_state = inner.update(updates, state.inner, params)
-        updates, _ = mask_tx.update(updates, state.freeze)
+        updates, _ = mask_update(updates, state.freeze)
         return updates, FreezeAroundState(freeze=state.freeze, inner=inner_state)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -221,8 +281,75 @@ def _steps(config, name: str, low: int) -> int:
     return int(value)
 
 
+class ScheduleNumbers(NamedTuple):
+    """The numbers of a learning-rate schedule; in the optimizer state they are float32 arrays,
+    so a compiled step serves schedules of any length and peak."""
+
+    learning_rate: Any
+    warmup_steps: Any
+    total_steps: Any
+    final_lr_ratio: Any
+
+
+class ScheduleState(NamedTuple):
+    """``count``: updates applied so far (int32); ``numbers``: the schedule (float32)."""
+
+    count: jax.Array
+    numbers: ScheduleNumbers
+
+
+def schedule_numbers(config) -> ScheduleNumbers:
+    """The checked schedule numbers of an optimizer config (as float32 NumPy scalars)."""
+    lr = _number(config, "learning_rate", 0.0, open_low=True)
+    warmup = _steps(config, "warmup_steps", 0)
+    total = _steps(config, "total_steps", 1)
+    ratio = _field(config, "final_lr_ratio", optional=True, default=0.0)
+    if warmup > total:
+        raise ValueError(
+            f"optimizer config 'warmup_steps' ({warmup}) exceeds 'total_steps' ({total})"
+        )
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 <= ratio <= 1:
+        raise ValueError(f"optimizer config 'final_lr_ratio' must be in [0, 1], got {ratio!r}")
+    return ScheduleNumbers(*(np.float32(v) for v in (lr, warmup, total, ratio)))
+
+
+def _schedule_kind(config) -> str:
+    kind = _field(config, "schedule")
+    if kind not in SCHEDULES:
+        raise ValueError(
+            f"optimizer config 'schedule' must be one of {', '.join(SCHEDULES)}, got {kind!r}"
+        )
+    return kind
+
+
+def schedule_value(kind: str, step, values: ScheduleNumbers) -> jax.Array:
+    """The learning rate at ``step`` (0-based count of updates applied), float32; the one
+    formula behind ``learning_rate_schedule`` and the in-state schedule of ``make``.
+
+    Linear warm-up ``lr * step / warmup`` for ``step < warmup``, then with
+    ``f = clip((step - warmup) / max(total - warmup, 1), 0, 1)`` and ``end = final_lr_ratio * lr``:
+    ``"constant"``: ``lr``; ``"cosine"``: ``end + (lr - end) * (1 + cos(pi f)) / 2``;
+    ``"linear"``: ``lr + (end - lr) * f``.
+    """
+    f32 = jnp.float32
+    step = jnp.asarray(step, f32)
+    lr, warmup, total, ratio = (jnp.asarray(v, f32) for v in values)
+    end = ratio * lr
+    fraction = jnp.clip((step - warmup) / jnp.maximum(total - warmup, 1.0), 0.0, 1.0)
+    if kind == "constant":
+        after = lr
+    elif kind == "cosine":
+        after = end + (lr - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * fraction))
+    elif kind == "linear":
+        after = lr + (end - lr) * fraction
+    else:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {kind!r}")
+    return jnp.where(step < warmup, lr * step / jnp.maximum(warmup, 1.0), after)
+
+
 def learning_rate_schedule(config) -> optax.Schedule:
-    """Step -> learning rate: linear warm-up 0 -> ``learning_rate`` over ``warmup_steps``, then
+    """Step -> learning rate (``schedule_value`` with the config's numbers): linear warm-up
+    0 -> ``learning_rate`` over ``warmup_steps``, then
 
     - ``"constant"``: ``learning_rate``;
     - ``"cosine"``: ``end + (lr - end) * (1 + cos(pi * s / d)) / 2``;
@@ -231,48 +358,39 @@ def learning_rate_schedule(config) -> optax.Schedule:
     with ``s`` the steps since warm-up, ``d = total_steps - warmup_steps`` and
     ``end = final_lr_ratio * learning_rate``; the schedule holds ``end`` after ``total_steps``.
     """
-    lr = _number(config, "learning_rate", 0.0, open_low=True)
-    warmup = _steps(config, "warmup_steps", 0)
-    total = _steps(config, "total_steps", 1)
-    kind = _field(config, "schedule")
-    ratio = _field(config, "final_lr_ratio", optional=True, default=0.0)
-    if kind not in SCHEDULES:
-        raise ValueError(
-            f"optimizer config 'schedule' must be one of {', '.join(SCHEDULES)}, got {kind!r}"
-        )
-    if warmup > total:
-        raise ValueError(
-            f"optimizer config 'warmup_steps' ({warmup}) exceeds 'total_steps' ({total})"
-        )
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 <= ratio <= 1:
-        raise ValueError(f"optimizer config 'final_lr_ratio' must be in [0, 1], got {ratio!r}")
-    decay_steps = max(total - warmup, 1)
-    if kind == "constant":
-        after = optax.constant_schedule(lr)
-    elif kind == "cosine":
-        after = optax.cosine_decay_schedule(lr, decay_steps, alpha=float(ratio))
-    else:
-        after = optax.linear_schedule(lr, lr * float(ratio), decay_steps)
-    if warmup == 0:
-        return after
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+    kind = _schedule_kind(config)
+    fixed = schedule_numbers(config)
+    return lambda step: schedule_value(kind, step, fixed)
 
 
-def make(config, frozen: Pytree | None = None) -> optax.GradientTransformation:
-    """AdamW with gradient clipping, a learning-rate schedule and element-wise freezing.
+def scale_by_schedule(kind: str, values: ScheduleNumbers) -> optax.GradientTransformation:
+    """``u' = -schedule_value(kind, count, values) * u``, with ``count`` and ``values`` in the
+    state: the schedule's length and peak are data, so one compiled step serves every stage.
 
-    Chain: ``clip_by_global_norm -> scale_by_adam -> add_decayed_weights ->
-    scale_by_learning_rate``, wrapped by ``freeze_around(.., frozen)`` so frozen entries are
-    zeroed before the chain (clean Adam moments, NaN gradients there are harmless, the clip
-    norm counts only trainable entries) and after it (decay and lr cannot move them): frozen
-    entries stay bit-identical under ``optax.apply_updates``.
-
-    Args:
-      config: a ConfigDict (or any object with these attributes) as in ``default_config()``;
-        ``weight_decay_mask`` and ``final_lr_ratio`` are optional (absent: decay every leaf,
-        decay to 0).
-      frozen: element-wise freeze mask (see ``freeze``); None: nothing frozen and no wrapper.
+    ``values`` may be tracers (``init`` under ``jit`` with the numbers as arguments).
     """
+    if kind not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {kind!r}")
+
+    def init_fn(params):
+        del params
+        return ScheduleState(
+            count=jnp.zeros((), jnp.int32),
+            numbers=ScheduleNumbers(*(jnp.asarray(v, jnp.float32) for v in values)),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        step_size = -schedule_value(kind, state.count, state.numbers)
+        updates = jax.tree.map(lambda u: jnp.asarray(step_size, u.dtype) * u, updates)
+        return updates, ScheduleState(count=state.count + 1, numbers=state.numbers)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def compile_key(config) -> tuple:
+    """The optimizer settings that shape the compiled update, checked and hashable: everything
+    but the schedule numbers (which live in the state)."""
     b1 = _number(config, "b1", 0.0, 1.0, open_high=True)
     b2 = _number(config, "b2", 0.0, 1.0, open_high=True)
     eps = _number(config, "eps", 0.0, open_low=True)
@@ -281,7 +399,30 @@ def make(config, frozen: Pytree | None = None) -> optax.GradientTransformation:
     if clip is not None:
         clip = _number(config, "grad_clip_norm", 0.0)
     rules = _decay_rules(config)
-    schedule = learning_rate_schedule(config)
+    return (_schedule_kind(config), b1, b2, eps, weight_decay, clip,
+            None if rules is None else tuple(rules))
+
+
+def make(config, frozen: Pytree | None = None, *,
+         schedule: ScheduleNumbers | None = None) -> optax.GradientTransformation:
+    """AdamW with gradient clipping, a learning-rate schedule and element-wise freezing.
+
+    Chain: ``clip_by_global_norm -> scale_by_adam -> add_decayed_weights ->
+    scale_by_schedule``, wrapped by ``freeze_around(.., frozen)`` so frozen entries are
+    zeroed before the chain (clean Adam moments, NaN gradients there are harmless, the clip
+    norm counts only trainable entries) and after it (decay and lr cannot move them): frozen
+    entries stay bit-identical under ``optax.apply_updates``. The schedule's numbers and step
+    count are optimizer state (``ScheduleState``), not constants of the compiled update.
+
+    Args:
+      config: a ConfigDict (or any object with these attributes) as in ``default_config()``;
+        ``weight_decay_mask`` and ``final_lr_ratio`` are optional (absent: decay every leaf,
+        decay to 0).
+      frozen: element-wise freeze mask (see ``freeze``); None: nothing frozen and no wrapper.
+      schedule: schedule numbers for ``init`` instead of the config's (arrays or tracers).
+    """
+    kind, b1, b2, eps, weight_decay, clip, rules = compile_key(config)
+    values = schedule_numbers(config) if schedule is None else schedule
 
     chain = []
     if clip:
@@ -290,8 +431,8 @@ def make(config, frozen: Pytree | None = None) -> optax.GradientTransformation:
     if weight_decay > 0.0:
         decay_mask = None
         if rules is not None:
-            decay_mask = lambda params: tree_lib.resolve_rules(params, rules)  # noqa: E731
+            decay_mask = lambda params: tree_lib.resolve_rules(params, list(rules))  # noqa: E731
         chain.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
-    chain.append(optax.scale_by_learning_rate(schedule))
+    chain.append(scale_by_schedule(kind, values))
     tx = optax.chain(*chain)
     return tx if frozen is None else freeze_around(tx, frozen)

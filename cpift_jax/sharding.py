@@ -27,7 +27,14 @@ leaf path (any prefix, e.g. ``0/mu/``)       logical axes          mesh axes (de
 ``.../mlp/{gate,up}_proj/bias``              (mlp,)                (tensor,)
 ``.../mlp/down_proj/kernel``                 (mlp, embed)          (tensor, fsdp)
 ``.../{o,down}_proj/bias``, ``...norm*/..``  (norm,)               replicated
+stacked layer leaf ``.../layers/<leaf>``     (layers, <leaf's>)    (replicated, <leaf's>)
 ==========================================  ====================  ==========================
+
+A *stacked* layer leaf (``models.scan.stack_layers``: under ``layers/`` without an integer
+index, one rank more than its rule names) gets the ``layers`` logical axis in front, its
+``[num_layers]`` axis, replicated by default; the divisibility fallback never moves a mesh axis
+onto it, so each layer's slice is sharded as the unstacked layer is. Any other rank mismatch
+is an error.
 
 Every leaf of rank >= 1 must match a rule (the coverage check names the leaf that does not);
 a scalar (an optimizer step count) has nothing to partition and is replicated without one.
@@ -74,6 +81,7 @@ __all__ = [
     "LLAMA_LEAF_RULES",
     "LLAMA_LOGICAL_AXES",
     "LLAMA_RULES",
+    "STACKED_LAYERS_AXIS",
     "partition_specs",
     "tree_shardings",
     "shardings",
@@ -198,6 +206,11 @@ class ShardingRules:
 
 _ANY = r"(?:.*/)?"  # any container prefix: "model/", optimizer state "0/mu/", ...
 
+# The logical axis of a stacked layer leaf's leading [num_layers] dimension, and the paths that
+# have one: under a "layers/" component not followed by an integer index.
+STACKED_LAYERS_AXIS = "layers"
+_STACKED_LAYER_PATH = re.compile(r"(?:^|.*/)layers/(?!\d+(?:/|$))[^/].*")
+
 LLAMA_LEAF_RULES = (
     (_ANY + r"embed_tokens/(?:embedding|weight)", ("vocab", "embed")),
     (_ANY + r"lm_head/kernel", ("embed", "vocab")),
@@ -219,6 +232,7 @@ LLAMA_LOGICAL_AXES = (
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("norm", None),
+    (STACKED_LAYERS_AXIS, None),
 )
 
 LLAMA_RULES = ShardingRules(leaves=LLAMA_LEAF_RULES, logical_axes=LLAMA_LOGICAL_AXES)
@@ -250,6 +264,10 @@ def _plan_leaf(path: str, shape: tuple[int, ...], rules: ShardingRules, sizes) -
             f"leaf '{path}' (shape {shape}) matches no sharding rule "
             f"(patterns: {[p for p, _ in rules.leaves]}); add a rule for it"
         ) from None
+    stacked = len(logical) + 1 == len(shape) and _STACKED_LAYER_PATH.fullmatch(path)
+    if stacked:
+        table = dict(rules.logical_axes)
+        logical = (STACKED_LAYERS_AXIS if STACKED_LAYERS_AXIS in table else None, *logical)
     if len(logical) != len(shape):
         raise ValueError(
             f"leaf '{path}' has shape {shape} but sharding rule {pattern!r} names "
@@ -279,7 +297,7 @@ def _plan_leaf(path: str, shape: tuple[int, ...], rules: ShardingRules, sizes) -
                 displaced.append((dim, axis))
     for dim, axis in displaced:
         for other in range(len(shape)):
-            if other == dim:
+            if other == dim or (stacked and other == 0):
                 continue
             if shape[other] % (math.prod(sizes[a] for a in kept[other]) * sizes[axis]) == 0:
                 kept[other].append(axis)

@@ -279,3 +279,32 @@ def test_missing_config_field_is_named():
     del config["b2"]
     with pytest.raises(ValueError, match="optimizer config has no field 'b2'"):
         optim.make(config)
+
+
+def test_freeze_mask_state_has_the_params_structure_and_splits_by_pattern():
+    params, mask = _params_and_mask(jnp.float32)
+    mask["norm"]["scale"] = True
+    state = optim.make(_config(), frozen=mask).init(params)
+    stored = state.freeze.mask
+    assert stored["norm"]["scale"] is None  # a whole leaf: kept in the pattern, not as an array
+    np.testing.assert_array_equal(stored["w"], mask["w"])
+    assert jax.tree.structure(stored) == jax.tree.structure(
+        {"w": 0, "b": 0, "norm": {"scale": None}})
+    pattern, arrays = optim.split_freeze_mask(mask, params)
+    assert pattern == optim.freeze_pattern(mask)
+    assert dict(pattern) == {"w": "array", "b": "array", "norm/scale": True}
+    joined = optim.join_freeze_mask(pattern, arrays)
+    assert joined["norm"]["scale"] is True and joined["w"] is mask["w"]
+    # A mask of the same pattern but other values gives the same compiled-update key.
+    other = dict(mask, w=~mask["w"])
+    assert optim.freeze_pattern(other) == pattern
+
+
+def test_schedule_numbers_are_state_not_constants():
+    params = {"w": jnp.ones(3)}
+    update = jax.jit(lambda tx_state, g: optim.make(_config()).update(g, tx_state, params))
+    grads = {"w": jnp.ones(3)}
+    for lr in (0.1, 0.3):
+        out, state = update(optim.make(_config(learning_rate=lr)).init(params), grads)
+        np.testing.assert_allclose(out["w"], -lr, rtol=1e-5)  # Adam's first step: sign * lr
+    assert update._cache_size() == 1 and int(state[-1].count) == 1

@@ -149,11 +149,54 @@ def test_coverage_error_names_the_unmatched_leaf():
         sharding.tree_shardings(params, RULES, mesh)
 
 
-def test_rule_of_the_wrong_rank_names_the_leaf():
+@pytest.mark.parametrize("path, shape", [
+    ("model/layers/0/mlp/up_proj/kernel", (2, 4, 8)),  # an indexed layer is not stacked
+    ("lm_head/kernel", (2, 4, 8)),  # not under layers/
+    ("model/layers/mlp/up_proj/kernel", (2, 2, 4, 8)),  # stacked, yet one rank too many
+    ("model/layers/mlp/up_proj/kernel", (8,)),
+])
+def test_rule_of_the_wrong_rank_names_the_leaf(path, shape):
     mesh = sharding.make_mesh(mesh_config((8, 1, 1)))
-    params = {"model": {"layers": {"mlp": {"up_proj": {"kernel": sds(2, 4, 8)}}}}}
-    with pytest.raises(ValueError, match=r"leaf 'model/layers/mlp/up_proj/kernel' has shape"):
+    params = {}
+    *containers, name = path.split("/")
+    node = params
+    for key in containers:
+        node = node.setdefault(key, {})
+    node[name] = sds(*shape)
+    with pytest.raises(ValueError, match=rf"leaf '{path}' has shape"):
         sharding.partition_specs(params, RULES, mesh)
+
+
+def test_stacked_layers_get_a_replicated_layers_axis_before_each_layers_partition():
+    from cpift_jax.models import scan
+
+    mesh = sharding.make_mesh(mesh_config((1, 4, 2)))
+    storage = models.abstract_params(TINY_QWEN2)
+    stacked = jax.eval_shape(scan.stack_layers, storage)
+    storage_specs = sharding.partition_specs(storage, RULES, mesh)
+    stacked_specs = sharding.partition_specs(stacked, RULES, mesh)
+    layer_specs = tree.flatten(storage_specs["model"]["layers"][0])
+    got = tree.flatten(stacked_specs["model"]["layers"])
+    assert got[0] == layer_specs[0] and len(got[0]) == 12  # 9 leaves + qwen2 q/k/v biases
+    for path, spec, layer_spec in zip(got[0], got[1], layer_specs[1]):
+        assert spec == P(None, *layer_spec), path
+    assert stacked_specs["lm_head"] == storage_specs["lm_head"]
+    # The logical axis is in the table (replicated by default): a rules table may map it.
+    assert dict(sharding.LLAMA_LOGICAL_AXES)[sharding.STACKED_LAYERS_AXIS] is None
+
+
+def test_fallback_never_moves_a_mesh_axis_onto_the_stacked_layers_axis():
+    mesh = sharding.make_mesh(mesh_config((1, 4, 2)))
+    # fsdp (4) does not divide 6; it divides the 8 layers, but moves to the mlp dimension
+    # as it does for the unstacked layer.
+    def spec(layers):
+        specs = sharding.partition_specs({"model": {"layers": layers}}, RULES, mesh)
+        return specs["model"]["layers"]
+
+    unstacked = spec({0: {"mlp": {"up_proj": {"kernel": sds(6, 16)}}}})
+    stacked = spec({"mlp": {"up_proj": {"kernel": sds(8, 6, 16)}}})
+    assert unstacked[0]["mlp"]["up_proj"]["kernel"] == P(None, ("tensor", "fsdp"))
+    assert stacked["mlp"]["up_proj"]["kernel"] == P(None, None, ("tensor", "fsdp"))
 
 
 def test_mesh_without_a_ruled_axis_is_an_error():

@@ -1,7 +1,9 @@
 """Train step, training loop, greedy evaluation and the cached toy base model."""
 
+import dataclasses
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,7 @@ import pytest
 from cpift_jax import models, optim
 from cpift_jax.training import evaluate
 from cpift_jax.training import pretrain
+from cpift_jax.training import step
 from cpift_jax.training import train
 from cpift_jax.data import batching, suite
 from cpift_jax.data.suite import Example
@@ -55,16 +58,15 @@ def test_masked_cross_entropy_written_out():
 def test_step_loss_counts_only_answer_tokens():
     params = models.init_params(CONFIG, 0)
     batch = _batch()
-    tx = optim.make(_opt(1))
-    step = train.make_train_step(CONFIG, tx)
-    _, _, metrics = step(jax.tree.map(jnp.copy, params), tx.init(params), batch)
-    assert float(metrics["tokens"]) == batch["loss_mask"][:, 1:].sum()
+    loss, tokens, _ = jax.jit(lambda p, b: step.loss_and_grads(CONFIG, step.StepConfig(), p, b))(
+        params, batch)
+    assert float(tokens) == batch["loss_mask"][:, 1:].sum()
     # Reference: float64 numpy over the masked positions only.
     logits = np.asarray(models.logits(CONFIG, params, batch["tokens"][:, :-1]), np.float64)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     nll = -np.take_along_axis(logp, batch["tokens"][:, 1:, None], -1)[..., 0]
     m = batch["loss_mask"][:, 1:]
-    np.testing.assert_allclose(float(metrics["loss"]), nll[m].mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(loss), nll[m].mean(), rtol=1e-5)
 
 
 def test_a_few_steps_reduce_the_loss_and_keep_caller_params():
@@ -198,3 +200,114 @@ def test_load_npz_checks_leaves(tmp_path):
     pretrain.save_npz(tmp_path / "p.npz", {"a": np.zeros(2)})
     with pytest.raises(ValueError, match="leaf 'a' is only in the file"):
         pretrain.load_npz(tmp_path / "p.npz", params)
+
+
+# ----------------------------------------------------------------- mid-stage checkpoints
+
+TWO_LAYERS = models.ModelConfig(vocab_size=TOK.vocab_size, hidden_size=16, intermediate_size=32,
+                                num_hidden_layers=2, num_attention_heads=2,
+                                num_key_value_heads=1, max_position_embeddings=64)
+
+
+class _Preempted(RuntimeError):
+    pass
+
+
+class _PreemptedAt:
+    """``inner`` until its ``at``-th batch, whose fetch raises (a preemption mid-stage);
+    ``get_state``/``set_state`` are the inner iterator's when it has them."""
+
+    def __init__(self, inner, at):
+        self.inner, self.at, self.taken = inner, at, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.taken += 1
+        if self.taken == self.at:
+            raise _Preempted(f"batch {self.at}")
+        return next(self.inner)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def _untouchable():
+    raise AssertionError("a finished run must not read batches")
+    yield  # noqa: unreachable (makes this a generator)
+
+
+def _loader(seed=3):
+    from cpift_jax import sharding
+    from cpift_jax.data import loader
+
+    mesh = sharding.make_mesh(sharding.default_mesh_config(), devices=jax.devices()[:1])
+    source = batching.UniformBatches(_batch(n=32, seed=seed), 8, seed)
+    return loader.GlobalBatchLoader(source, step.batch_sharding(mesh, 8), 16)
+
+
+def _opt_decay(steps):
+    config = optim.default_config()
+    config.learning_rate, config.warmup_steps, config.total_steps = 1e-2, 2, steps
+    config.weight_decay = 0.01
+    return config
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_with_the_same_bits(tmp_path):
+    """Scanned layers (a stacked state on disk) and a Grain loader: preempted while fetching
+    batch 5 of 6 with checkpoints every 2 steps, the rerun restores step 4 and the loader's
+    position and ends on the uninterrupted run's bits; a third run returns the finished
+    checkpoint's params without reading a batch."""
+    params = models.init_params(TWO_LAYERS, 0)
+    rng = np.random.default_rng(0)
+    frozen = jax.tree.map(lambda x: rng.random(x.shape) < 0.3, params)
+    frozen["model"]["layers"][1]["input_layernorm"]["weight"] = True  # mixed across layers
+    kwargs = dict(steps=6, frozen=frozen, progress=False, log_every=1,
+                  step_config=step.StepConfig(scan_layers=True, remat="layer"))
+    straight, _ = train.train(TWO_LAYERS, params, _opt_decay(6), _loader(), **kwargs)
+
+    ckpt = tmp_path / "run"
+    with pytest.raises(_Preempted):
+        train.train(TWO_LAYERS, params, _opt_decay(6), _PreemptedAt(_loader(), 5),
+                    checkpoint_dir=ckpt, checkpoint_every=2, **kwargs)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["2", "4"]
+    batches = _loader()
+    resumed, history = train.train(TWO_LAYERS, params, _opt_decay(6), batches,
+                                   checkpoint_dir=ckpt, checkpoint_every=2, **kwargs)
+    assert [r["step"] for r in history] == [5, 6]
+    assert batches.get_state()["next_index"] == 6  # restored at 4, then two batches
+    assert sorted(p.name for p in ckpt.iterdir()) == ["4", "6"]
+    assert jax.tree.structure(resumed) == jax.tree.structure(params)
+    jax.tree.map(np.testing.assert_array_equal, straight, resumed)
+
+    finished, history = train.train(TWO_LAYERS, params, _opt_decay(6), _untouchable(),
+                                    checkpoint_dir=ckpt, checkpoint_every=2, **kwargs)
+    assert history == []
+    jax.tree.map(np.testing.assert_array_equal, straight, finished)
+
+
+@pytest.mark.slow
+def test_a_plain_iterator_resumes_by_skipping_batches_and_a_foreign_checkpoint_raises(tmp_path):
+    params = models.init_params(CONFIG, 0)
+    data = [_batch(seed=i) for i in range(5)]
+    straight, _ = train.train(CONFIG, params, _opt_decay(5), iter(data), steps=5,
+                              progress=False)
+    ckpt = tmp_path / "run"
+    with pytest.raises(_Preempted):
+        train.train(CONFIG, params, _opt_decay(5), _PreemptedAt(iter(data), 4), steps=5,
+                    progress=False, checkpoint_dir=ckpt, checkpoint_every=3)
+    resumed, history = train.train(CONFIG, params, _opt_decay(5), iter(data), steps=5,
+                                   progress=False, log_every=1, checkpoint_dir=ckpt,
+                                   checkpoint_every=3)
+    assert [r["step"] for r in history] == [4, 5]
+    jax.tree.map(np.testing.assert_array_equal, straight, resumed)
+
+    # Another model width: the same leaves with other shapes than the checkpoint's.
+    wider = dataclasses.replace(CONFIG, hidden_size=32)
+    with pytest.raises(ValueError, match=rf"leaf '.*': expected has shape .*, "
+                                         rf"{re.escape(str(ckpt / '5'))} has shape"):
+        train.train(wider, models.init_params(wider, 0), _opt_decay(5), iter(data), steps=5,
+                    progress=False, checkpoint_dir=ckpt, checkpoint_every=3)
+    with pytest.raises(ValueError, match="checkpoint_every is 0"):
+        train.train(CONFIG, params, _opt_decay(5), iter(data), steps=5, checkpoint_dir=ckpt)
