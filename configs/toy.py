@@ -29,7 +29,7 @@ expert), so the five tasks compete for capacity. Prompts with domain text
 
 import ml_collections
 
-from cpift_jax import optim
+from cpift_jax import optim, sharding
 from cpift_jax.training import pretrain
 from cpift_jax.data import suite
 
@@ -39,6 +39,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seeds = (0, 1, 2)
     c.methods = ("single_task", "multitask_sft", "multitask_sft_equal_steps",
                  "multistage_random", "multistage_heuristic", "fused_only", "cpift")
+    # Devices (cpift_jax.sharding): axes and sizes, -1 takes the remaining devices. The default
+    # (-1, 1, 1) spreads each batch's rows over every visible device (one on a plain CPU host);
+    # --config.mesh.shape='(-1,2,1)' also splits the weights in two.
+    c.mesh = sharding.default_mesh_config()
     c.progress = True  # tqdm bars on a terminal only (not part of the pinned config)
     c.compile_cache = True  # XLA persistent cache in $CPIFT_CACHE/xla (cpift_jax.cache)
 
@@ -71,9 +75,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.optimizer = optim.default_config()
     c.train.optimizer.learning_rate = 1e-2
     c.train.optimizer.warmup_steps = 20
-    # Constant after warm-up: every train() call then compiles to the same program, which the
-    # persistent compilation cache reuses (a cosine schedule bakes total_steps into each one).
-    c.train.optimizer.schedule = "constant"
+    c.train.optimizer.schedule = "constant"  # after warm-up; "cosine" compiles the same step
+    # How the compiled step computes (cpift_jax.training.step.StepConfig, docs/models.md):
+    # gradient accumulation, remat, scanned layers, bfloat16 compute, vocabulary-chunked loss.
+    c.train.step = ml_collections.ConfigDict(dict(
+        micro_batches=1, remat="none", scan_layers=False, compute_dtype="float32",
+        vocab_chunk=0))
+    # Mid-stage train-state checkpoints every that many steps (0: off); an interrupted stage
+    # then resumes each training run from its last checkpoint (docs/multihost.md).
+    c.train.checkpoint_every = 0
 
     # CPI-FT; every gap of the paper is an option with a default.
     c.cpift = ml_collections.ConfigDict()

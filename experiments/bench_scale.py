@@ -1,6 +1,6 @@
 """Scale benchmarks, one function per part (``--parts``): what a 135M and a 1B model cost.
 
-    .venv/bin/python -m experiments.bench_scale                         # --parts=masks (~5 min)
+    .venv/bin/python -m experiments.bench_scale                         # every part
     .venv/bin/python -m experiments.bench_scale --models=smollm2 --repeats=1
 
 ``masks``: ``masks.core_mask(base, tuned, --fraction)`` (global scope, one device) on SmolLM2-135M
@@ -35,7 +35,7 @@ PARTS = ("masks", "train")
 MODELS = ("smollm2", "1b")
 TARGET_PEAK_RATIO = 1.3
 
-_PARTS = flags.DEFINE_list("parts", ["masks"], f"benchmark parts to run, of {PARTS}")
+_PARTS = flags.DEFINE_list("parts", list(PARTS), f"benchmark parts to run, of {PARTS}")
 _MODELS = flags.DEFINE_list("models", list(MODELS), f"model configs, of {MODELS}")
 _FRACTION = flags.DEFINE_float("fraction", 0.01, "core mask fraction p")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "core-mask calls per model (the first compiles)")
@@ -177,7 +177,7 @@ def part_train() -> None:
     from cpift_jax import models, optim, sharding
     from cpift_jax.training import step as step_lib
 
-    mesh = sharding.make_mesh(sharding.default_mesh_config(), devices=jax.devices()[:1])
+    mesh = sharding.make_mesh(sharding.default_mesh_config(), devices=jax.local_devices()[:1])
     opt = optim.default_config()
     opt.weight_decay = 0.01
     rows, seq, warmup, timed = 32, 16, 2, 7
@@ -241,14 +241,51 @@ def part_train() -> None:
               f"{r['stack_s']:8.2f} {r['unstack_s']:9.2f} {1e3 * r['step_s']:8.1f}")
     print(f"compile time 32 / 2 layers: {compile_s[32] / compile_s[2]:.2f}x")
 
-    print(f"\n## train: tokens/s on one device, StepConfig() (plain) vs StepConfig(scan_layers=True)")
-    print(f"{'model':>22s} {'plain tok/s':>12s} {'scan tok/s':>11s} {'scan/plain':>10s}")
+    def reference_step_s(config):
+        """The single-device step without a mesh: ``jit`` of value_and_grad of the masked
+        cross-entropy of ``models.logits`` plus ``optim.make``'s update, params and optimizer
+        state donated (no shardings, schedule compiled in, a Python loop over layers)."""
+        from cpift_jax.training import loss as loss_lib
+        import optax
+
+        tx = optim.make(opt)
+
+        def loss_fn(params, batch):
+            logits = models.logits(config, params, batch["tokens"][:, :-1])
+            return loss_lib.masked_cross_entropy(logits, batch["tokens"][:, 1:],
+                                                 batch["loss_mask"][:, 1:])[0]
+
+        def step(params, opt_state, batch):
+            loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
+
+        step = jax.jit(step, donate_argnums=(0, 1))
+        params = jax.device_put(models.init_params(config, 0), jax.local_devices()[0])
+        opt_state = tx.init(params)
+        batch = {"tokens": rng.integers(0, 256, (rows, seq)).astype(np.int32),
+                 "loss_mask": np.ones((rows, seq), bool)}
+        times = []
+        for i in range(warmup + timed):
+            start = time.perf_counter()
+            params, opt_state, loss = step(params, opt_state, batch)
+            jax.block_until_ready(loss)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    print("\n## train: tokens/s on one device: the single-device reference step (jit of "
+          "value_and_grad + optim.make, no mesh) vs train_step with StepConfig() and with "
+          "scan_layers=True")
+    print(f"{'model':>22s} {'reference':>10s} {'plain tok/s':>12s} {'plain/ref':>9s} "
+          f"{'scan tok/s':>11s} {'scan/ref':>8s}")
     for hidden, layers in ((64, 2), (256, 4)):
         config = toy(hidden, layers)
+        reference = rows * seq / reference_step_s(config)
         plain = rows * seq / measure(config, step_lib.StepConfig())["step_s"]
         scan = rows * seq / measure(config, step_lib.StepConfig(scan_layers=True))["step_s"]
-        print(f"{f'hidden {hidden}, {layers} layers':>22s} {plain:12,.0f} {scan:11,.0f} "
-              f"{scan / plain:9.2f}x")
+        print(f"{f'hidden {hidden}, {layers} layers':>22s} {reference:10,.0f} {plain:12,.0f} "
+              f"{plain / reference:8.2f}x {scan:11,.0f} {scan / reference:7.2f}x")
 
 
 def main(argv):

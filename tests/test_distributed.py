@@ -8,6 +8,7 @@ The two-process children are this file run as a script (``python tests/test_dist
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -308,6 +309,18 @@ if __name__ != "__main__":
         distributed.write_json(tmp_path / "a" / "b.json", {"z": 1, "a": [1]})
         assert (tmp_path / "a" / "b.json").read_text() == '{\n  "a": [\n    1\n  ],\n  "z": 1\n}\n'
         assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["b.json"]
+
+    @pytest.mark.slow
+    def test_importing_the_library_starts_no_jax_backend():
+        # distributed.initialize must come before the first backend call, so no module may
+        # create a device array at import time (a jnp constant at module level would).
+        code = ("import cpift_jax.benchmark.pipeline, cpift_jax.training.train, "
+                "cpift_jax.streaming.merge, cpift_jax.merges\n"
+                "from jax._src import xla_bridge\n"
+                "assert not xla_bridge._backends, sorted(xla_bridge._backends)")
+        proc = subprocess.run([sys.executable, "-c", code], cwd=HERE.parents[1],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 if __name__ == "__main__":

@@ -155,7 +155,7 @@ def test_budgets_equal_compute_and_equal_steps(monkeypatch, tmp_path):
 
 def test_stage_weights_replay_and_heuristic_groups():
     ctx = methods.Context(None, None, None, ("a", "b", "c"), {}, {},
-                          {"a": 0.5, "b": 0.25, "c": 0.25}, None, 4, 1, 0)
+                          {"a": 0.5, "b": 0.25, "c": 0.25}, None, 4, 1, 0, None)
     assert methods.stage_weights(ctx, ["a", "b"], [], 0.2) == {"a": 2 / 3, "b": 1 / 3}
     w = methods.stage_weights(ctx, ["c"], ["a", "b"], 0.2)
     assert w == pytest.approx({"c": 0.8, "a": 0.1, "b": 0.1})

@@ -8,6 +8,8 @@ Two channels:
 - Everything else (absl logging, and through it Orbax and JAX): WARNING and above, unless the
   user asked for more with absl's ``--verbosity`` flag (``--verbosity=0`` INFO, ``1`` DEBUG).
 
+With several processes only process 0 shows progress lines; the others show warnings and errors.
+
 Library code only logs; a binary calls ``setup()`` once, after flag parsing (inside ``main``).
 Without ``setup`` the progress lines go to the root logger like any other INFO record.
 """
@@ -20,6 +22,8 @@ import sys
 from absl import flags
 from absl import logging
 from tqdm import tqdm
+
+from cpift_jax import distributed
 
 __all__ = ["PROGRESS_LOGGER", "progress", "setup", "seconds"]
 
@@ -42,7 +46,7 @@ def setup() -> None:
         if isinstance(handler, _AboveBars):
             progress.removeHandler(handler)
     progress.addHandler(_AboveBars())
-    progress.setLevel(std_logging.INFO)
+    progress.setLevel(std_logging.INFO if distributed.is_primary() else std_logging.WARNING)
     progress.propagate = False  # printed once, whatever the root logger's level
 
 

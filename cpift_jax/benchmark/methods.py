@@ -17,6 +17,11 @@ Budgets are counted in optimizer steps of ``batch_size`` sequences; ``S = steps_
 Mixture weights inside a stage: the suite's ``mixture_weights`` (its ``imbalance`` knob)
 restricted to the stage's tasks, scaled to ``1 - replay``; the earlier groups' tasks share
 ``replay`` equally (no earlier groups: the stage's tasks get everything).
+
+Devices: every model stays a ``jax.Array`` pytree on ``Context.mesh`` with the parameters'
+shardings (``cpift_jax.sharding``); batches come from a per-process ``GlobalBatchLoader``, and
+nothing here gathers a model to the host, so the same code runs on one CPU, a device mesh or
+many hosts.
 """
 
 from __future__ import annotations
@@ -25,16 +30,19 @@ import dataclasses
 import functools
 import operator
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from cpift_jax import clustering, fusion, masks, merges
+from cpift_jax import clustering, distributed, fusion, masks, merges
 from cpift_jax import tree as tree_lib
-from cpift_jax.training import evaluate as evaluate_lib
-from cpift_jax.training import train as train_lib
 from cpift_jax.data import batching
+from cpift_jax.data import loader as loader_lib
+from cpift_jax.training import evaluate as evaluate_lib
+from cpift_jax.training import step as step_lib
+from cpift_jax.training import train as train_lib
 
 __all__ = ["Context", "evaluate", "train_on", "stage_weights", "multistage", "heuristic_groups",
            "core_masks", "core_density", "cluster", "fuse", "pipeline_sft", "cpift_chain",
@@ -81,9 +89,16 @@ class Context:
     batch_size: int
     steps_per_task: int
     seed: int
+    mesh: Any  # the jax.sharding.Mesh every model lives on (config.mesh)
+    step_config: Any = None  # training.step.StepConfig (None: the plain step)
+    checkpoint_every: int = 0  # mid-stage train-state checkpoints every that many steps (0: off)
     eval_batch_size: int = 64
     progress: bool = False
-    metrics_dir: Any = None  # where train() writes JSON-lines curves (None: nowhere)
+    stage_dir: Any = None  # the running stage's directory: loss curves, mid-stage checkpoints
+
+    @property
+    def seq_len(self) -> int:
+        return next(iter(self.train_arrays.values()))["tokens"].shape[1]
 
 
 def evaluate(ctx: Context, params: Pytree, tasks: Sequence[str] | None = None) -> dict[str, float]:
@@ -109,18 +124,34 @@ def stage_weights(ctx: Context, current: Sequence[str], earlier: Sequence[str],
 def train_on(ctx: Context, params: Pytree, weights: Mapping[str, float], steps: int, *,
              frozen: Pytree | None = None, stream: int = 0, name: str = "train") -> Pytree:
     """``steps`` AdamW steps on a mixture of tasks (``weights``); ``stream`` picks an independent
-    batch order so two calls of one seed do not see the same rows in the same order."""
+    batch order so two calls of one seed do not see the same rows in the same order.
+
+    With ``ctx.checkpoint_every`` and a stage directory, the run checkpoints its train state and
+    data position under ``<stage_dir>/train_state/<name>`` and, rerun after an interruption,
+    resumes there (``train_lib.train``); ``name`` must be unique within a stage."""
+    from cpift_jax.benchmark.workdir import RESUME_DIR  # workdir imports this module's users
+
     opt = ctx.optimizer.copy_and_resolve_references()
     opt.total_steps = int(steps)
     opt.warmup_steps = min(int(opt.warmup_steps), int(steps))
     arrays = {t: ctx.train_arrays[t] for t in weights}
     stream_seed = ctx.seed * 7919 + stream
-    batches = batching.mixture_batches(arrays, weights, ctx.batch_size, stream_seed)
-    metrics = None if ctx.metrics_dir is None else f"{ctx.metrics_dir}/{name}.jsonl"
+    source = batching.MixtureBatches(arrays, weights, ctx.batch_size, stream_seed)
+    step_config = ctx.step_config or step_lib.StepConfig()
+    rows = step_lib.batch_sharding(ctx.mesh, ctx.batch_size,
+                                   micro_batches=step_config.micro_batches)
+    batches = loader_lib.GlobalBatchLoader(source, rows, ctx.seq_len)
+    stage_dir = None if ctx.stage_dir is None else Path(ctx.stage_dir)
+    metrics = (stage_dir / f"{name}.jsonl"
+               if stage_dir is not None and distributed.is_primary() else None)
+    resume = (stage_dir / RESUME_DIR / name
+              if stage_dir is not None and ctx.checkpoint_every else None)
     out, _ = train_lib.train(ctx.model_config, params, opt, batches, steps=int(steps),
                              frozen=frozen, metrics_path=metrics, progress=ctx.progress,
-                             description=name)
+                             description=name, mesh=ctx.mesh, step_config=step_config,
+                             checkpoint_dir=resume, checkpoint_every=ctx.checkpoint_every)
     return out
+
 
 
 def multistage(ctx: Context, params: Pytree, stages: Sequence[Sequence[str]], *,
@@ -170,8 +201,7 @@ def core_masks(base: Pytree, experts: Sequence[Pytree], cfg) -> list[Pytree]:
     """Step 2: each task's top-``p`` entries by ``|expert - base|`` (``masks.core_mask``), each
     from its own expert alone."""
     exclude = list(cfg.core_exclude) or None
-    return [jax.tree.map(np.asarray, masks.core_mask(base, e, cfg.p, cfg.scope, exclude=exclude))
-            for e in experts]
+    return [masks.core_mask(base, e, cfg.p, cfg.scope, exclude=exclude) for e in experts]
 
 
 def core_density(mask: Pytree) -> dict:
@@ -198,7 +228,7 @@ def fuse(backbone: Pytree, experts: Sequence[Pytree], cores: Sequence[Pytree], c
     kwargs = {"granularity": cfg.granularity} if cfg.merge == "slerp" else {}
     fused, report = fusion.fuse(backbone, experts, cores, merge=cfg.merge, overlap=cfg.overlap,
                                 **kwargs)
-    return jax.tree.map(np.asarray, fused), report
+    return fused, report
 
 
 def _union(mask_list: Sequence[Pytree]) -> Pytree:
@@ -239,4 +269,4 @@ def merge_only(ctx: Context, experts: Sequence[Pytree], name: str) -> dict[str, 
     """Registry operator ``name`` with its default settings on the experts, ``base`` = the base
     model; evaluated without any training."""
     merged = merges.get(name)(list(experts), base=ctx.base)
-    return evaluate(ctx, jax.tree.map(np.asarray, merged))
+    return evaluate(ctx, merged)

@@ -21,6 +21,14 @@ completed stage, a workdir made with another config is refused naming the differ
 Every stage returns a JSON result stored in its ``DONE.json``; ``results`` aggregates them over
 seeds (mean and population std) and calls ``cpift_jax.benchmark.report.write``.
 
+Devices: every stage runs on the mesh of ``config.mesh`` (``cpift_jax.sharding``); models stay
+on it between the stages of one process (each is saved, sharded, and kept in memory), and a
+later run loads them back onto the mesh with the parameters' shardings. With several processes
+(``experiments/cpift.py --num_processes``) every process runs every stage; only process 0 writes
+JSON, reports and plots (``cpift_jax.benchmark.workdir``, ``docs/multihost.md``). With
+``config.train.checkpoint_every`` every training run checkpoints its state and resumes after an
+interruption.
+
 Config checks, labels and budgets: ``cpift_jax.benchmark.config_checks``. Normalisation:
 ``cpift_jax.benchmark.aggregate.NORMALIZATION`` (per task (score - chance) / (expert -
 chance), averaged over the tasks whose expert beats chance by at least 0.05).
@@ -33,11 +41,10 @@ import os
 from pathlib import Path
 
 import jax
-import numpy as np
 from absl import logging
 
 from cpift_jax import cache as cache_lib
-from cpift_jax import clustering, merges, models
+from cpift_jax import clustering, distributed, merges, models, sharding
 from cpift_jax.benchmark import aggregate
 from cpift_jax.training import checkpoints
 from cpift_jax.benchmark import methods
@@ -48,6 +55,7 @@ from cpift_jax.data import suite as suite_lib
 from cpift_jax.benchmark.config_checks import (LABELS, MAIN_METHODS,  # noqa: F401
                                        ablation_variants, budgets, check_config)
 from cpift_jax.benchmark.workdir import Workdir
+from cpift_jax.training import step as step_lib
 
 __all__ = ["MAIN_METHODS", "LABELS", "check_config", "budgets", "ablation_variants", "run"]
 
@@ -82,26 +90,6 @@ def _build_base(config):
     return model_config, HFTokenizer(hf_tok), params
 
 
-def _load_like(path, like):
-    """Orbax params at ``path`` in the structure of ``like`` (matched by leaf path, so integer
-    and string layer keys agree); ValueError naming the file and the first bad leaf."""
-    stored = checkpoints.load_params(path)
-    s_paths, s_leaves, _ = tree_lib.flatten(stored)
-    paths, leaves, treedef = tree_lib.flatten(like)
-    by_path = dict(zip(s_paths, s_leaves))
-    for p in sorted(set(s_paths) ^ set(paths)):
-        raise ValueError(f"{path}: leaf '{p}' is only in the "
-                         f"{'checkpoint' if p in by_path else 'model'}")
-    out = []
-    for p, ref in zip(paths, leaves):
-        arr = np.asarray(by_path[p])
-        if arr.shape != tuple(ref.shape) or arr.dtype != ref.dtype:
-            raise ValueError(f"{path}: leaf '{p}' is {arr.dtype}{list(arr.shape)}, expected "
-                             f"{ref.dtype}{list(ref.shape)}")
-        out.append(arr)
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
 class _Run:
     """One ``run`` call: the workdir, the shared model and per-seed contexts, loaded artifacts."""
 
@@ -109,8 +97,39 @@ class _Run:
         self.config = config
         self.wd = Workdir(workdir, config.to_dict(), ignore_keys=("progress", "compile_cache"))
         self.tasks = tuple(config.suite.tasks)
+        self.mesh = sharding.make_mesh(config.mesh)
+        self.step_config = step_lib.StepConfig.from_config(config.train.step)
+        # Fails now, not after the base model is built, if the rows do not divide over the mesh.
+        step_lib.batch_sharding(self.mesh, config.train.batch_size,
+                                micro_batches=self.step_config.micro_batches)
         self._base = None
         self._ctx: dict[int, methods.Context] = {}
+        self._models: dict[tuple[str, str], object] = {}  # (stage, name) -> params on the mesh
+        self._masks: dict[tuple[int, str], object] = {}  # (seed, task) -> core mask on the mesh
+        self._like: dict = {}  # model config -> restore targets (``like``)
+
+    def forget(self, seed: int) -> None:
+        """Drops the models and masks of ``seed`` from memory (they stay in the workdir)."""
+        prefix = f"seed{seed}/"
+        self._models = {k: v for k, v in self._models.items() if not k[0].startswith(prefix)}
+        self._masks = {k: v for k, v in self._masks.items() if k[0] != seed}
+        self._ctx.pop(seed, None)
+
+    def like(self, model_config):
+        """The parameters' abstract shapes with their shardings on the mesh (restore targets);
+        planned once, so the divisibility fallback's warnings appear once."""
+        if model_config not in self._like:
+            abstract = models.abstract_params(model_config)
+            shardings = sharding.shardings(abstract, self.mesh, self.config.mesh)
+            self._like[model_config] = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                shardings)
+        return self._like[model_config]
+
+    def keep(self, stage: str, name: str, params, stage_dir: Path) -> None:
+        """Saves ``params`` (sharded, from every process) and keeps them for later stages."""
+        checkpoints.save_params(stage_dir / name, params)
+        self._models[(stage, name)] = params
 
     # -- base model
     def base(self):
@@ -119,7 +138,9 @@ class _Run:
 
             def stage(d):
                 mc, tok, params = _build_base(self.config)
-                checkpoints.save_params(d / "params", params)
+                params = sharding.shard(params, jax.tree.map(lambda x: x.sharding,
+                                                             self.like(mc)))
+                self.keep("base", "params", params, d)
                 holder["built"] = (mc, tok)
                 return {"num_params": tree_lib.num_params(params)}
 
@@ -129,7 +150,7 @@ class _Run:
             else:  # tokenizer and config are cheap to rebuild; the weights come from the workdir
                 mc, tok = self._model_and_tokenizer()
             try:
-                params = _load_like(self.wd.path("base") / "params", models.abstract_params(mc))
+                params = self.load_params("base", "params", mc)
             except ValueError as err:
                 raise ValueError(f"the base checkpoint in {self.wd.path('base')} does not match "
                                  f"config.model: {err}") from err
@@ -157,12 +178,20 @@ class _Run:
                 test_examples={t: data[t]["test"] for t in self.tasks},
                 mixture=suite_lib.mixture_weights(c.suite), optimizer=c.train.optimizer,
                 batch_size=c.train.batch_size, steps_per_task=c.train.steps_per_task, seed=seed,
+                mesh=self.mesh, step_config=self.step_config,
+                checkpoint_every=c.train.checkpoint_every,
                 eval_batch_size=c.data.eval_batch_size, progress=c.progress)
-        return dataclasses.replace(self._ctx[seed], metrics_dir=stage_dir)
+        return dataclasses.replace(self._ctx[seed], stage_dir=stage_dir)
 
     # -- artifacts
-    def load_params(self, stage: str, name: str):
-        return _load_like(self.wd.path(stage) / name, models.abstract_params(self.base()[0]))
+    def load_params(self, stage: str, name: str, model_config=None):
+        """Params ``name`` of ``stage``: kept from this process's run of the stage, else
+        restored from its checkpoint onto the mesh."""
+        if (stage, name) not in self._models:
+            mc = self.base()[0] if model_config is None else model_config
+            self._models[(stage, name)] = checkpoints.load_params(self.wd.path(stage) / name,
+                                                                  self.like(mc))
+        return self._models[(stage, name)]
 
     def experts(self, seed: int) -> list:
         return [self.load_params(f"seed{seed}/experts", t) for t in self.tasks]
@@ -170,8 +199,11 @@ class _Run:
     def cores(self, seed: int, tasks=None) -> list:
         """The cores stage's masks of ``tasks`` (default: every task), in that order."""
         like = self.base()[2]
-        return [checkpoints.load_masks(self.wd.path(f"seed{seed}/cores") / t, like)
-                for t in (self.tasks if tasks is None else tasks)]
+        for t in self.tasks if tasks is None else tasks:
+            if (seed, t) not in self._masks:
+                path = self.wd.path(f"seed{seed}/cores") / t
+                self._masks[(seed, t)] = checkpoints.load_masks(path, like)
+        return [self._masks[(seed, t)] for t in (self.tasks if tasks is None else tasks)]
 
     # -- per-seed stages
     def seed_stages(self, seed: int) -> None:
@@ -185,7 +217,7 @@ class _Run:
             for i, t in enumerate(self.tasks):
                 params = methods.train_on(ctx, ctx.base, {t: 1.0}, ctx.steps_per_task,
                                           stream=i, name=f"expert_{t}")
-                checkpoints.save_params(d / t, params)
+                self.keep(p + "experts", t, params, d)
                 scores[t] = methods.evaluate(ctx, params)
             return {"scores": scores, "base": methods.evaluate(ctx, ctx.base)}
 
@@ -197,7 +229,7 @@ class _Run:
                 params = methods.train_on(ctx, ctx.base, dict(ctx.mixture), steps, stream=50,
                                           name="multitask")
                 if save:
-                    checkpoints.save_params(d / "params", params)
+                    self.keep(p + "multitask_sft", "params", params, d)
                 return {"per_task": methods.evaluate(ctx, params)}
             return stage
 
@@ -283,7 +315,7 @@ class _Run:
             return self.base()[2]
         if b == "multitask_sft":
             return self.load_params(f"seed{seed}/multitask_sft", "params")
-        return _load_like(os.path.expanduser(b), models.abstract_params(self.base()[0]))
+        return checkpoints.load_params(os.path.expanduser(b), self.like(self.base()[0]))
 
     def cpift_stages(self, seed: int) -> None:
         c, wd, p = self.config, self.wd, f"seed{seed}/"
@@ -293,6 +325,7 @@ class _Run:
             masks_ = methods.core_masks(ctx.base, self.experts(seed), c.cpift)
             for t, m in zip(self.tasks, masks_):
                 checkpoints.save_masks(d / t, m)
+                self._masks[(seed, t)] = m
             return {"density": {t: methods.core_density(m)
                                 for t, m in zip(self.tasks, masks_)}}
 
@@ -308,7 +341,7 @@ class _Run:
             ctx = self.ctx(seed, d)
             fused, report = methods.fuse(self.backbone(seed), self.experts(seed), self.cores(seed),
                                          c.cpift)
-            checkpoints.save_params(d / "params", fused)
+            self.keep(p + "fusion", "params", fused, d)
             return {"per_task": methods.evaluate(ctx, fused), "report": report}
 
         wd.run(p + "fusion", fuse)
@@ -327,9 +360,8 @@ class _Run:
 
 
 def _enable_compile_cache(enabled: bool) -> None:
-    """Every train() call builds a fresh jitted step; with a constant-after-warm-up schedule the
-    programs are identical, so XLA's persistent cache (``$CPIFT_CACHE/xla``) turns each
-    recompilation into a lookup."""
+    """XLA's persistent cache (``$CPIFT_CACHE/xla``): a later run (and every seed's evaluation
+    and merge programs) finds its compiled programs there instead of compiling them again."""
     if enabled:
         jax.config.update("jax_compilation_cache_dir", str(cache_lib.cache_dir("xla")))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -346,6 +378,7 @@ def run(config, workdir) -> aggregate.Results:
     r.base()
     for seed in config.seeds:
         r.seed_stages(int(seed))
+        r.forget(int(seed))
 
     ablations = ablation_variants(config)
 
@@ -359,7 +392,8 @@ def run(config, workdir) -> aggregate.Results:
     r.wd.run("results", results_stage)
     results = aggregate.Results.load(r.wd.path("results") / "results.json")
     results = dataclasses.replace(results, timings=aggregate.timings(r.wd))
-    results.save(r.wd.root / "results.json")
-    from cpift_jax.benchmark import report  # imported late: it pulls in plotting
-    report.write(r.wd.root, results)
+    if distributed.is_primary():
+        results.save(r.wd.root / "results.json")
+        from cpift_jax.benchmark import report  # imported late: it pulls in plotting
+        report.write(r.wd.root, results)
     return results

@@ -30,7 +30,7 @@ from absl import logging
 
 import cpift_jax
 from cpift_jax import cache as cache_lib
-from cpift_jax import models
+from cpift_jax import distributed, models, sharding
 from cpift_jax import optim
 from cpift_jax.training import train as train_lib
 from cpift_jax import tree as tree_lib
@@ -43,6 +43,7 @@ __all__ = ["default_config", "corpus_arrays", "settings", "cache_key", "cached_b
 
 Pytree = Any
 _PARAMS, _META = "base_params.npz", "base_meta.json"
+_PRETRAIN_TIMEOUT_S = 3600.0  # the other processes wait this long for process 0's pretraining
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -157,9 +158,13 @@ def pretrain_base(
 
 
 def _load_or_train(cache: Path, model_config, config, arrays, meta: dict, progress: bool):
-    cache.mkdir(parents=True, exist_ok=True)
+    """Loads the base from ``cache`` or trains and stores it there. With several processes,
+    process 0 trains (on its first device) and writes while the others wait at a barrier, then
+    every process loads the same file."""
     like = models.abstract_params(model_config)
-    if (cache / _META).exists():
+    cached = (cache / _META).exists()
+    distributed.barrier(f"toy_base:{cache.name}:checked")  # nobody writes before all have looked
+    if cached:
         differing = config_diff(read_json(cache / _META), meta)
         if differing:
             raise ValueError(
@@ -169,13 +174,18 @@ def _load_or_train(cache: Path, model_config, config, arrays, meta: dict, progre
         logging.info("loading the cached base model from %s", cache / _PARAMS)
         return load_npz(cache / _PARAMS, like)
 
-    params = models.init_params(model_config, config.seed)
-    params, _ = train_lib.train(
-        model_config, params, config.optimizer,
-        batching.batches(arrays, config.batch_size, config.seed),
-        steps=config.steps, metrics_path=cache / "base_metrics.jsonl", progress=progress,
-        description="pretrain",
-    )
-    save_npz(cache / _PARAMS, params)
-    write_json(cache / _META, meta)
+    if distributed.is_primary():
+        cache.mkdir(parents=True, exist_ok=True)
+        params = models.init_params(model_config, config.seed)
+        one_device = sharding.make_mesh(sharding.default_mesh_config(),
+                                        devices=jax.local_devices()[:1])
+        params, _ = train_lib.train(
+            model_config, params, config.optimizer,
+            batching.batches(arrays, config.batch_size, config.seed),
+            steps=config.steps, metrics_path=cache / "base_metrics.jsonl", progress=progress,
+            description="pretrain", mesh=one_device,
+        )
+        save_npz(cache / _PARAMS, params)
+        write_json(cache / _META, meta)
+    distributed.barrier(f"toy_base:{cache.name}:written", timeout_s=_PRETRAIN_TIMEOUT_S)
     return load_npz(cache / _PARAMS, like)
