@@ -31,7 +31,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-PARTS = ("masks", "train")
+PARTS = ("masks", "train", "count2g")
 MODELS = ("smollm2", "1b")
 TARGET_PEAK_RATIO = 1.3
 
@@ -127,13 +127,14 @@ def measure_masks(name: str) -> dict:
             "expected_count": masks.core_count(_FRACTION.value, entries)}
 
 
-def run_child(part: str, name: str) -> dict:
+def run_child(part: str, name: str, extra_env: dict | None = None) -> dict:
     """``part`` for model ``name`` in a fresh process; its JSON result and whole-life peak."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     argv = [sys.executable, "-m", "experiments.bench_scale", f"--child={part}:{name}",
             f"--fraction={_FRACTION.value}", f"--repeats={_REPEATS.value}",
             f"--dtype_1b={_DTYPE_1B.value}"]
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    env = {**os.environ, **(extra_env or {})}
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
     if done.returncode:
         raise RuntimeError(f"bench_scale child {part}:{name} failed:\n{done.stderr[-4000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -165,6 +166,69 @@ def part_masks(names) -> None:
               f"{r['peak_all_calls_kib'] / 2**20:.2f} GiB (freed masks the allocator kept); "
               f"child's whole-life peak {'n/a' if life is None else f'{life / 2**20:.2f} GiB'}; "
               f"times {[round(t, 2) for t in r['times_s']]}")
+
+
+def measure_count2g() -> dict:
+    """In the child (8 faked CPU devices): ``core_mask`` of one bfloat16 leaf of 2^31 + 2^24
+    entries sharded over 8 devices, against an exact count of its bit patterns in int64."""
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from cpift_jax import masks, sharding
+
+    entries = 2**31 + 2**24
+    mesh = sharding.make_mesh(ml_collections.ConfigDict({"axes": ("fsdp",), "shape": (8,)}))
+    spread = NamedSharding(mesh, PartitionSpec("fsdp"))
+
+    # Non-negative finite bfloat16 values (16-bit patterns below 0x4000: values in [0, 2)) from
+    # a multiplicative hash of the index, one fused elementwise loop per shard: a random-bits
+    # generator would hold 32-bit words and counters for every entry (17 GB here).
+    def tuned_values():
+        index = jax.lax.iota(jnp.uint32, entries)
+        bits = ((index * jnp.uint32(2654435761)) >> 13).astype(jnp.uint16) & jnp.uint16(0x3FFF)
+        return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
+
+    tuned = jax.jit(tuned_values, out_shardings=spread)()
+    base = jax.jit(lambda: jnp.zeros((entries,), jnp.bfloat16), out_shardings=spread)()
+    start = time.perf_counter()
+    mask = jax.block_until_ready(masks.core_mask({"w": base}, {"w": tuned}, _FRACTION.value))["w"]
+    seconds = time.perf_counter() - start
+    k = masks.core_count(_FRACTION.value, entries)
+
+    # Reference: the number of entries per 16-bit pattern (int64), so the k-th largest value
+    # is exact; the mask must hold every entry above it and exactly k entries.
+    histogram = np.zeros(2**16, np.int64)
+    for shard in tuned.addressable_shards:
+        histogram += np.bincount(np.asarray(shard.data).view(np.uint16), minlength=2**16)
+    above = np.cumsum(histogram[::-1])[::-1]  # above[b] = entries with pattern >= b
+    kth_bits = int(np.nonzero(above >= k)[0][-1])
+    kth = float(np.array([kth_bits], np.uint16).view(jnp.bfloat16)[0])
+    chosen, wrong = 0, 0
+    for t_shard, m_shard in zip(tuned.addressable_shards, mask.addressable_shards):
+        bits, selected = np.asarray(t_shard.data).view(np.uint16), np.asarray(m_shard.data)
+        chosen += int(np.count_nonzero(selected))
+        wrong += int(np.count_nonzero(selected & (bits < kth_bits)))
+        wrong += int(np.count_nonzero(~selected & (bits > kth_bits)))
+    return {"entries": entries, "devices": len(mesh.devices.flat), "seconds": seconds, "k": k,
+            "chosen": chosen, "misplaced": wrong, "kth_value": kth,
+            "mask_sharding": str(mask.sharding.spec), "peak_kib": _status_kib("VmHWM")}
+
+
+def part_count2g() -> None:
+    r = run_child("count2g", "bf16", extra_env={
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    ok = r["chosen"] == r["k"] and r["misplaced"] == 0
+    print(f"\n## count2g: core_mask on {r['entries']:,d} bfloat16 entries (> 2^31) sharded over "
+          f"{r['devices']} faked CPU devices, p={_FRACTION.value}")
+    print(f"core_mask {r['seconds']:.1f} s (compiles included); k = {r['k']:,d}, mask holds "
+          f"{r['chosen']:,d}; entries on the wrong side of the exact k-th largest value "
+          f"{r['kth_value']} (int64 count of the bit patterns): {r['misplaced']}; mask sharding "
+          f"{r['mask_sharding']}; peak RSS {r['peak_kib'] / 2**20:.1f} GiB  "
+          f"{'exact' if ok else 'WRONG'}")
+    if not ok:
+        raise AssertionError(f"count2g: {r}")
 
 
 def part_train() -> None:
@@ -292,6 +356,9 @@ def main(argv):
     del argv
     if _CHILD.value:
         part, name = _CHILD.value.split(":")
+        if part == "count2g":
+            print(json.dumps(measure_count2g()))
+            return
         assert part == "masks" and name in MODELS, _CHILD.value
         print(json.dumps(measure_masks(name)))
         return
@@ -305,6 +372,8 @@ def main(argv):
         part_masks(_MODELS.value)
     if "train" in _PARTS.value:
         part_train()
+    if "count2g" in _PARTS.value:
+        part_count2g()
 
 
 if __name__ == "__main__":
