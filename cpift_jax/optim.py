@@ -15,14 +15,12 @@ constant embedded in every jitted program that calls ``update`` (measured: a 20M
 40 MB of HLO text and 0.5 s of compile time; XLA protos cap out at 2 GB), whereas state is an
 ordinary argument of the jitted step. It has the parameters' structure (``FreezeState``), so the
 sharding rules that place a parameter place its mask too. Likewise the learning-rate schedule's
-numbers and step count are state (``ScheduleState``): one compiled step serves stages of any
-length, peak and warm-up.
+numbers and step count are state (``ScheduleState``, in ``schedules``, re-exported here): one
+compiled step serves stages of any length, peak and warm-up.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -31,8 +29,20 @@ import ml_collections
 import numpy as np
 import optax
 
+from cpift_jax import _config_fields as fields
 from cpift_jax import masks as masks_lib
 from cpift_jax import tree as tree_lib
+# The schedule lives in `schedules`; re-exported so `optim.<name>` keeps working.
+from cpift_jax.schedules import (  # noqa: F401
+    SCHEDULES,
+    ScheduleNumbers,
+    ScheduleState,
+    learning_rate_schedule,
+    scale_by_schedule,
+    schedule_kind,
+    schedule_numbers,
+    schedule_value,
+)
 
 Pytree = Any
 
@@ -56,8 +66,6 @@ __all__ = [
     "SCHEDULES",
     "DEFAULT_WEIGHT_DECAY_MASK",
 ]
-
-SCHEDULES = ("cosine", "constant", "linear")
 
 
 class FreezeState(NamedTuple):
@@ -235,31 +243,8 @@ def default_config() -> ml_collections.ConfigDict:
     return config
 
 
-def _field(config, name: str, *, optional: bool = False, default=None):
-    if not hasattr(config, name):
-        if optional:
-            return default
-        raise ValueError(f"optimizer config has no field '{name}' (see optim.default_config())")
-    return getattr(config, name)
-
-
-def _number(config, name: str, low: float, high: float = math.inf, *, open_low=False,
-            open_high=False) -> float:
-    """The finite number ``config.<name>``, checked to lie in the given interval."""
-    value = _field(config, name)
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if open_low else value >= low)
-    ok = ok and (value < high if open_high else value <= high)
-    if not ok:
-        interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
-        raise ValueError(
-            f"optimizer config '{name}' must be a finite number in {interval}, got {value!r}"
-        )
-    return float(value)
-
-
 def _decay_rules(config) -> list[tuple[str, bool]] | None:
-    rules = _field(config, "weight_decay_mask", optional=True)
+    rules = fields.field(config, "weight_decay_mask", optional=True)
     if rules is None:
         return None
     checked = []
@@ -274,132 +259,18 @@ def _decay_rules(config) -> list[tuple[str, bool]] | None:
     return checked
 
 
-def _steps(config, name: str, low: int) -> int:
-    value = _field(config, name)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"optimizer config '{name}' must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
-class ScheduleNumbers(NamedTuple):
-    """The numbers of a learning-rate schedule; in the optimizer state they are float32 arrays,
-    so a compiled step serves schedules of any length and peak."""
-
-    learning_rate: Any
-    warmup_steps: Any
-    total_steps: Any
-    final_lr_ratio: Any
-
-
-class ScheduleState(NamedTuple):
-    """``count``: updates applied so far (int32); ``numbers``: the schedule (float32)."""
-
-    count: jax.Array
-    numbers: ScheduleNumbers
-
-
-def schedule_numbers(config) -> ScheduleNumbers:
-    """The checked schedule numbers of an optimizer config (as float32 NumPy scalars)."""
-    lr = _number(config, "learning_rate", 0.0, open_low=True)
-    warmup = _steps(config, "warmup_steps", 0)
-    total = _steps(config, "total_steps", 1)
-    ratio = _field(config, "final_lr_ratio", optional=True, default=0.0)
-    if warmup > total:
-        raise ValueError(
-            f"optimizer config 'warmup_steps' ({warmup}) exceeds 'total_steps' ({total})"
-        )
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 <= ratio <= 1:
-        raise ValueError(f"optimizer config 'final_lr_ratio' must be in [0, 1], got {ratio!r}")
-    return ScheduleNumbers(*(np.float32(v) for v in (lr, warmup, total, ratio)))
-
-
-def _schedule_kind(config) -> str:
-    kind = _field(config, "schedule")
-    if kind not in SCHEDULES:
-        raise ValueError(
-            f"optimizer config 'schedule' must be one of {', '.join(SCHEDULES)}, got {kind!r}"
-        )
-    return kind
-
-
-def schedule_value(kind: str, step, values: ScheduleNumbers) -> jax.Array:
-    """The learning rate at ``step`` (0-based count of updates applied), float32; the one
-    formula behind ``learning_rate_schedule`` and the in-state schedule of ``make``.
-
-    Linear warm-up ``lr * step / warmup`` for ``step < warmup``, then with
-    ``f = clip((step - warmup) / max(total - warmup, 1), 0, 1)`` and ``end = final_lr_ratio * lr``:
-    ``"constant"``: ``lr``; ``"cosine"``: ``end + (lr - end) * (1 + cos(pi f)) / 2``;
-    ``"linear"``: ``lr + (end - lr) * f``.
-    """
-    f32 = jnp.float32
-    step = jnp.asarray(step, f32)
-    lr, warmup, total, ratio = (jnp.asarray(v, f32) for v in values)
-    end = ratio * lr
-    fraction = jnp.clip((step - warmup) / jnp.maximum(total - warmup, 1.0), 0.0, 1.0)
-    if kind == "constant":
-        after = lr
-    elif kind == "cosine":
-        after = end + (lr - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * fraction))
-    elif kind == "linear":
-        after = lr + (end - lr) * fraction
-    else:
-        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {kind!r}")
-    return jnp.where(step < warmup, lr * step / jnp.maximum(warmup, 1.0), after)
-
-
-def learning_rate_schedule(config) -> optax.Schedule:
-    """Step -> learning rate (``schedule_value`` with the config's numbers): linear warm-up
-    0 -> ``learning_rate`` over ``warmup_steps``, then
-
-    - ``"constant"``: ``learning_rate``;
-    - ``"cosine"``: ``end + (lr - end) * (1 + cos(pi * s / d)) / 2``;
-    - ``"linear"``: ``lr + (end - lr) * s / d``,
-
-    with ``s`` the steps since warm-up, ``d = total_steps - warmup_steps`` and
-    ``end = final_lr_ratio * learning_rate``; the schedule holds ``end`` after ``total_steps``.
-    """
-    kind = _schedule_kind(config)
-    fixed = schedule_numbers(config)
-    return lambda step: schedule_value(kind, step, fixed)
-
-
-def scale_by_schedule(kind: str, values: ScheduleNumbers) -> optax.GradientTransformation:
-    """``u' = -schedule_value(kind, count, values) * u``, with ``count`` and ``values`` in the
-    state: the schedule's length and peak are data, so one compiled step serves every stage.
-
-    ``values`` may be tracers (``init`` under ``jit`` with the numbers as arguments).
-    """
-    if kind not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {kind!r}")
-
-    def init_fn(params):
-        del params
-        return ScheduleState(
-            count=jnp.zeros((), jnp.int32),
-            numbers=ScheduleNumbers(*(jnp.asarray(v, jnp.float32) for v in values)),
-        )
-
-    def update_fn(updates, state, params=None):
-        del params
-        step_size = -schedule_value(kind, state.count, state.numbers)
-        updates = jax.tree.map(lambda u: jnp.asarray(step_size, u.dtype) * u, updates)
-        return updates, ScheduleState(count=state.count + 1, numbers=state.numbers)
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
 def compile_key(config) -> tuple:
     """The optimizer settings that shape the compiled update, checked and hashable: everything
     but the schedule numbers (which live in the state)."""
-    b1 = _number(config, "b1", 0.0, 1.0, open_high=True)
-    b2 = _number(config, "b2", 0.0, 1.0, open_high=True)
-    eps = _number(config, "eps", 0.0, open_low=True)
-    weight_decay = _number(config, "weight_decay", 0.0)
-    clip = _field(config, "grad_clip_norm")
+    b1 = fields.number(config, "b1", 0.0, 1.0, open_high=True)
+    b2 = fields.number(config, "b2", 0.0, 1.0, open_high=True)
+    eps = fields.number(config, "eps", 0.0, open_low=True)
+    weight_decay = fields.number(config, "weight_decay", 0.0)
+    clip = fields.field(config, "grad_clip_norm")
     if clip is not None:
-        clip = _number(config, "grad_clip_norm", 0.0)
+        clip = fields.number(config, "grad_clip_norm", 0.0)
     rules = _decay_rules(config)
-    return (_schedule_kind(config), b1, b2, eps, weight_decay, clip,
+    return (schedule_kind(config), b1, b2, eps, weight_decay, clip,
             None if rules is None else tuple(rules))
 
 

@@ -13,8 +13,8 @@ partitions or top-k's the whole input:
   scores (``experiments/bench_fusion.py``).
 * ``xla`` (``cpift_jax.select_xla``; under ``jit``, inside ``shard_map``, on accelerators):
   radix select on two 16-bit digits, chunked, with ``psum``-ed histograms over ``axis_name``;
-  counts are int32 per leaf shard and exact in two 16-bit limbs across shards and leaves, so
-  any model size works (a leaf shard stays below 2^31 entries).
+  counts are int32 per leaf shard and exact in two 16-bit limbs (``cpift_jax.limb_counts``)
+  across shards and leaves, so any model size works (a leaf shard stays below 2^31 entries).
 
 Top-k rule (``top_k``, the one rule of every top-p selection): exactly k entries, all above v,
 then the entries equal to v earliest first (leaf order, then row-major); ``count_for_fraction``
@@ -112,7 +112,7 @@ def threshold(scores: Pytree, k: int, *, method: str = "auto", axis_name=None,
         if axis_name is not None or not _on_host(leaves):
             raise ValueError("threshold: method='host' needs concrete CPU arrays and no axis_name")
         return jnp.asarray(select_host.host_threshold(paths, leaves, k, passes))
-    # Counts are exact at any total (select_xla: int32 per leaf shard, two limbs across);
+    # Counts are exact at any total (int32 per leaf shard, limb_counts' two limbs across);
     # kth_largest refuses a leaf shard of 2^31 entries or more, naming it.
     if axis_name is None:
         return select_xla.kth_largest_jit(list(leaves), k, None, tuple(paths))

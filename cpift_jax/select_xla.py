@@ -8,14 +8,9 @@ among the entries with that digit is ``k' = k - sum_{d' > d} h1[d']``. Pass 2 hi
 low digits of those entries and picks the low digit by the same rule with ``k'``. Exact, two
 reads of the data, no sort.
 
-Counting at any size. Each leaf shard is counted in int32 (so a leaf shard holds fewer than
-2^31 entries, checked at trace time). Every count that crosses leaves or shards is a ``Count``:
-two uint32 limbs ``hi * 2^16 + lo`` with ``lo < 2^16``. Before a ``psum`` each shard's ``lo``
-is below 2^16, so the summed ``lo`` stays below 2^31 for up to 2^15 shards, and the summed
-``hi`` is the global count over 2^16; after it the carry ``lo >> 16`` moves into ``hi``.
-Suffix sums over the 2^16 bins stay below 2^32 in ``lo`` and ``hi``. Exact for fewer than
-2^47 entries in all (a 7B model has 2^32.6) and ``k`` given as a Python int split at trace
-time. No ``jax_enable_x64`` needed.
+Counting at any size: each leaf shard is counted in int32 (so a leaf shard holds fewer than
+2^31 entries, checked at trace time); every count that crosses leaves or shards is an exact
+two-limb ``Count`` (``limb_counts``, whose names are re-exported here).
 
 Sharded leaves (inside ``shard_map``): each leaf's histograms are ``psum``-ed over exactly the
 mesh axes that leaf is sharded on (``axes``; leaves with the same axes share one ``psum``), so
@@ -38,13 +33,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
+# The two-limb counts live in `limb_counts`; re-exported (see __all__) for callers.
+from cpift_jax.limb_counts import (  # noqa: F401
+    MAX_SHARDS,
+    Count,
+    count_add,
+    count_const,
+    count_ge,
+    count_index,
+    count_nonzero,
+    count_of,
+    count_psum,
+    count_sub,
+    pick_digit,
+)
 from cpift_jax.select_host import INF_BITS, NEG_ZERO_BITS
 
 __all__ = ["Count", "LeafLayout", "count_of", "count_const", "count_add", "count_sub",
@@ -55,86 +62,6 @@ __all__ = ["Count", "LeafLayout", "count_of", "count_const", "count_add", "count
 _CHUNK = 1 << 16  # entries per fori_loop step
 _BINS = 1 << 16  # one histogram bin per 16-bit digit; index _BINS is dropped
 SHARD_LIMIT = 2**31  # entries of one leaf shard (counted in int32)
-MAX_SHARDS = 2**15  # shards one psum may combine (lo limbs < 2^16 each)
-_LIMB = np.uint32(0xFFFF)  # a NumPy constant: importing this module starts no backend
-
-
-# ------------------------------------------------------------------------- counts in two limbs
-
-
-class Count(NamedTuple):
-    """An exact non-negative count ``hi * 2^16 + lo`` (uint32 arrays, ``lo < 2^16``)."""
-
-    hi: jax.Array
-    lo: jax.Array
-
-
-def _carry(hi: jax.Array, lo: jax.Array) -> Count:
-    return Count(hi + (lo >> 16), lo & _LIMB)
-
-
-def count_of(x: jax.Array) -> Count:
-    """A ``Count`` from non-negative int32 counts."""
-    x = x.astype(jnp.uint32)
-    return Count(x >> 16, x & _LIMB)
-
-
-def count_const(k: int) -> Count:
-    """A ``Count`` from a Python int, split at trace time (``0 <= k < 2^48``)."""
-    if not 0 <= k < 2**48:
-        raise ValueError(f"count_const: {k} is outside [0, 2^48)")
-    return Count(jnp.uint32(k >> 16), jnp.uint32(k & 0xFFFF))
-
-
-def count_add(a: Count, b: Count) -> Count:
-    return _carry(a.hi + b.hi, a.lo + b.lo)
-
-
-def count_sub(a: Count, b: Count) -> Count:
-    """``a - b`` for ``a >= b`` (borrow from ``hi`` when ``a.lo < b.lo``)."""
-    borrow = a.lo < b.lo
-    lo = jnp.where(borrow, a.lo + jnp.uint32(1 << 16), a.lo) - b.lo
-    return Count(a.hi - b.hi - borrow.astype(jnp.uint32), lo)
-
-
-def count_ge(a: Count, b: Count) -> jax.Array:
-    return (a.hi > b.hi) | ((a.hi == b.hi) & (a.lo >= b.lo))
-
-
-def _count_where(pred, a: Count, b: Count) -> Count:
-    return Count(jnp.where(pred, a.hi, b.hi), jnp.where(pred, a.lo, b.lo))
-
-
-def _count_index(c: Count, i) -> Count:
-    return Count(c.hi[i], c.lo[i])
-
-
-def _count_nonzero(c: Count) -> jax.Array:
-    return (c.hi | c.lo) > 0
-
-
-def count_psum(c: Count, axes: tuple) -> Count:
-    """``c`` summed over the shards of mesh ``axes`` (none: unchanged), carries normalised."""
-    if not axes:
-        return c
-    shards = math.prod(lax.axis_size(a) for a in axes)
-    if shards > MAX_SHARDS:
-        raise ValueError(f"count_psum: {shards} shards over mesh axes {axes}; the 16-bit low "
-                         f"limbs stay exact for at most {MAX_SHARDS}")
-    return _carry(lax.psum(c.hi, axes), lax.psum(c.lo, axes))
-
-
-def pick_digit(hist: Count, k: Count) -> tuple[jax.Array, Count]:
-    """Largest digit d with ``count(digit >= d) >= k``, and k's rank within that digit.
-
-    ``hist`` holds one ``Count`` per digit (arrays of 2^16). Suffix sums are exact: ``lo``
-    sums stay below ``2^16 * 2^16``, ``hi`` sums are the total over 2^16.
-    """
-    at_least = _carry(jnp.cumsum(hist.hi[::-1], dtype=jnp.uint32)[::-1],
-                      jnp.cumsum(hist.lo[::-1], dtype=jnp.uint32)[::-1])
-    digit = jnp.sum(count_ge(at_least, k), dtype=jnp.int32) - 1
-    above = count_sub(_count_index(at_least, digit), _count_index(hist, digit))
-    return digit, count_sub(k, above)
 
 
 # ------------------------------------------------------------------------------ leaves, shards
@@ -298,7 +225,7 @@ def _histogram(sources, axes, digit_of) -> Count:
 def _kth_largest(sources, k: Count, axes) -> jax.Array:
     """The k-th largest value over all sources (NaN if a score is NaN or negative)."""
     hist = _histogram(sources, axes, lambda c, _: _high_digit(_score_bits(c)))
-    invalid = _count_nonzero(_count_index(hist, 0xFFFF))
+    invalid = count_nonzero(count_index(hist, 0xFFFF))
     high, k_low = pick_digit(hist, k)
 
     low, _ = pick_digit(_histogram(sources, axes, _low_digit_among(high)), k_low)
@@ -343,8 +270,8 @@ def leaf_high_histogram(src, layout: LeafLayout) -> tuple[Count, jax.Array]:
     the leaf holds NaN, negative or Inf scores (high digits 0xFFFF and +inf's 0x7F80)."""
     _check_leaf(src, layout)
     hist = _histogram([src], [layout.axes], lambda c, _: _high_digit(_score_bits(c)))
-    bad = (_count_nonzero(_count_index(hist, INF_BITS >> 16))
-           | _count_nonzero(_count_index(hist, 0xFFFF)))
+    bad = (count_nonzero(count_index(hist, INF_BITS >> 16))
+           | count_nonzero(count_index(hist, 0xFFFF)))
     return hist, bad
 
 
