@@ -18,17 +18,22 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def temporary_cache(tmp_path_factory):
     """Points ``$CPIFT_CACHE`` (``cpift_jax.cache``) at a fresh directory for the whole session,
     subprocesses included, so the toy base, XLA's compilation cache and anything else a test
-    caches are written there. SmolLM2 is the exception: CI fetches it once into the real cache
-    (``python -m cpift_jax.models.smollm2 --fetch``), so its converted directory, if present, is
-    linked into the temporary cache read-only rather than converted again."""
+    caches are written there. SmolLM2 and the datasets are the exception: CI fetches them once
+    into the real cache (``python -m cpift_jax.models.smollm2 --fetch``, ``python -m
+    cpift_jax.data.fetch``), so their directories, if present, are linked into the temporary
+    cache rather than fetched again (tests that fetch pass a cache directory of their own)."""
     from cpift_jax import cache
+    from cpift_jax.data import fetch
     from cpift_jax.models import smollm2
 
     fetched = smollm2.hf_dir()  # under the real root, read before it is redirected
+    datasets = fetch.cache_dir()
     root = tmp_path_factory.mktemp("cpift_cache")
     if smollm2.is_available():
         os.makedirs(root / "smollm2")
         os.symlink(fetched, root / "smollm2" / smollm2.HF_SUBDIR, target_is_directory=True)
+    if datasets.is_dir():  # python -m cpift_jax.data.fetch, run by CI before the tests
+        os.symlink(datasets, root / "datasets", target_is_directory=True)
     previous = os.environ.get(cache.ENV_VAR)
     os.environ[cache.ENV_VAR] = str(root)
     yield root
