@@ -239,6 +239,7 @@ def test_mesh_equals_single_device(rule, granularity):
         assert len(sharded[key].sharding.device_set) == 8, key
 
 
+@pytest.mark.slow
 def test_mesh_with_another_operator():
     backbone, tuned, cores = random_case(4, MESH_SHAPES, n=2)
     single, report = fusion.fuse(backbone, tuned, cores, merge="linear")

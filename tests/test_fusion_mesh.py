@@ -86,6 +86,7 @@ def test_donated_sharded_backbone_holds_the_output():
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_inputs_partly_off_the_mesh_are_refused_by_leaf():
     base, tuned, cores = llama_case(seed=4)
     b, ts, cs, _ = sharded_case(make_mesh((4, 2)), base, tuned, cores)

@@ -183,6 +183,7 @@ def test_ties_are_handed_to_leaves_in_order_in_exact_integers():
     assert masks._split_ties(4, [0, 4]) == [0, 4]
 
 
+@pytest.mark.slow
 def test_sharded_core_mask_refuses_a_leaf_shard_past_int32_by_name(monkeypatch):
     mesh = make_mesh((4, 2))
     base, tuned = llama_models(1)

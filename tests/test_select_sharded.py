@@ -148,7 +148,8 @@ def _axes(spec):
     return select_xla.LeafLayout.from_spec((1, 1), spec).axes
 
 
-@pytest.mark.parametrize("shape", [(8, 1), pytest.param((4, 2), marks=pytest.mark.slow),
+@pytest.mark.parametrize("shape", [pytest.param((8, 1), marks=pytest.mark.slow),
+                                   pytest.param((4, 2), marks=pytest.mark.slow),
                                    pytest.param((2, 4), marks=pytest.mark.slow)])
 def test_threshold_under_shard_map_equals_one_device(shape):
     mesh = _mesh(shape)

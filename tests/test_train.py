@@ -254,6 +254,7 @@ def _opt_decay(steps):
     return config
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_from_its_checkpoint_with_the_same_bits(tmp_path):
     """Scanned layers (a stacked state on disk) and a Grain loader: preempted while fetching
     batch 5 of 6 with checkpoints every 2 steps, the rerun restores step 4 and the loader's

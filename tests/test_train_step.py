@@ -70,7 +70,7 @@ _OPTIONS = [
     pytest.param("untied", dict(scan_layers=True, remat="layer", micro_batches=2, vocab_chunk=16),
                  marks=_SLOW),
     pytest.param("untied", dict(micro_batches=2), marks=_SLOW),
-    ("tied", dict(scan_layers=True, vocab_chunk=8)),
+    pytest.param("tied", dict(scan_layers=True, vocab_chunk=8), marks=_SLOW),
     pytest.param("untied", dict(compute_dtype="bfloat16"), marks=_SLOW),
     pytest.param("untied", dict(scan_layers=True), marks=_SLOW),
     pytest.param("untied", dict(remat="layer"), marks=_SLOW),
