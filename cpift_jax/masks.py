@@ -43,6 +43,7 @@ __all__ = [
     "core_mask",
     "core_count",
     "leaves_mesh",
+    "leaf_program",
     "check_mask",
     "jaccard",
     "overlap_matrix",
@@ -178,7 +179,7 @@ _PASSES = {  # pass -> (select_xla function, number of replicated scalar argumen
 
 
 @functools.lru_cache(maxsize=256)
-def _leaf_program(name: str, mesh, shape: tuple, dtypes: tuple, spec):
+def leaf_program(name: str, mesh, shape: tuple, dtypes: tuple, spec):
     """One pass over one leaf of ``shape``/``dtypes`` (base, tuned) laid out as ``spec`` on
     ``mesh`` (a ``shard_map`` whose counts are ``psum``-ed over the leaf's axes and returned
     replicated; masks keep the leaf's sharding), or on one device when ``mesh`` is None.
@@ -237,7 +238,7 @@ def _check_device_leaves(paths, pairs) -> None:
 
 def _device_top_k(mesh, paths: list[str], pairs: list[tuple], k: int) -> list[jax.Array]:
     """Core masks computed where the leaves live (sharded over ``mesh``, or on one device when
-    it is None), one leaf at a time (``_leaf_program``); masks keep the leaves' shardings."""
+    it is None), one leaf at a time (``leaf_program``); masks keep the leaves' shardings."""
     if k == 0:
         return [jnp.zeros(b.shape, bool, device=b.sharding) for b, _ in pairs]
     _check_device_leaves(paths, pairs)
@@ -258,7 +259,7 @@ def _device_top_k(mesh, paths: list[str], pairs: list[tuple], k: int) -> list[ja
     def run(name, j, *scalars):
         b, t = pairs[j]
         spec = b.sharding.spec if mesh is not None else None
-        out = _leaf_program(name, mesh, tuple(b.shape), (b.dtype, t.dtype), spec)(b, t, *scalars)
+        out = leaf_program(name, mesh, tuple(b.shape), (b.dtype, t.dtype), spec)(b, t, *scalars)
         return jax.block_until_ready(out) if one_at_a_time else out
 
     def summed(outputs):  # (Count, ...) per leaf -> the Counts' sum, the rest per leaf

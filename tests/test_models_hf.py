@@ -164,7 +164,7 @@ def test_unknown_model_type_lists_supported(tmp_path):
     config = json.loads((path / "config.json").read_text())
     config["model_type"] = "gpt_neox"
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"'gpt_neox'.*\['llama', 'mistral', 'qwen2'\]"):
+    with pytest.raises(ValueError, match=r"'gpt_neox'.*\['llama', 'mistral', 'qwen2', 'gemma2'\]"):
         hf.load(path)
 
 

@@ -30,7 +30,7 @@ def test_config_resolves_defaults_and_is_a_static_arg():
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(model_type="gpt2"), "supported: ['llama', 'mistral', 'qwen2']"),
+    (dict(model_type="gpt2"), "supported: ['llama', 'mistral', 'qwen2', 'gemma2']"),
     (dict(num_key_value_heads=3), "multiple of num_key_value_heads"),
     (dict(param_dtype="float16"), "param_dtype"),
     (dict(rope_type="yarn"), "rope_type 'yarn'"),
@@ -72,7 +72,8 @@ def test_config_from_hf_reads_legacy_rope_scaling_and_family_biases():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model_type": "gpt2"}, r"unsupported model_type 'gpt2'.*\['llama', 'mistral', 'qwen2'\]"),
+    ({"model_type": "gpt2"},
+     r"unsupported model_type 'gpt2'.*\['llama', 'mistral', 'qwen2', 'gemma2'\]"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"hidden_size": None}, "hidden_size"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}, "yarn"),

@@ -14,7 +14,10 @@ setting keeps it, any other becomes element-wise.
 
 Each layer is the ``DecoderLayer`` module of ``llama.py`` bound to its slice of the weights, so
 the maths is the one of ``LlamaForCausalLM.hidden_states`` (without a KV cache), and
-``hidden_states(..., scan=False, remat="none")`` gives the same values as that method.
+``hidden_states(..., scan=False, remat="none")`` gives the same values as that method. Layers
+with different attention windows (Gemma-2's alternating local and global layers) share the one
+traced layer: the scan carries each layer's window as data, a global layer's being the sequence
+length (which masks nothing).
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from cpift_jax import tree as tree_lib
 from cpift_jax.models.config import ModelConfig
-from cpift_jax.models.layers import rope_cos_sin
+from cpift_jax.models.layers import rope_cos_sin, scale_embedding
 from cpift_jax.models.llama import LlamaForCausalLM
 
 __all__ = ["REMAT_POLICIES", "stack_layers", "unstack_layers", "stack_freeze_pattern",
@@ -151,7 +155,8 @@ def _modules(config: ModelConfig):
     abstract ``LlamaForCausalLM`` of ``config`` (so their construction is the model's own).
     Every layer is built alike, so a one-layer model gives them at a cost independent of the
     depth."""
-    one_layer = dataclasses.replace(config, num_hidden_layers=1)
+    one_layer = dataclasses.replace(config, num_hidden_layers=1,
+                                    layer_types=config.layer_types and config.layer_types[:1])
     abstract = nnx.eval_shape(lambda: LlamaForCausalLM(one_layer, rngs=nnx.Rngs(0)))
     inner = abstract.model
     return tuple(nnx.split(module, nnx.Param)[0]
@@ -159,7 +164,8 @@ def _modules(config: ModelConfig):
 
 
 def hidden_states(config: ModelConfig, params: dict, tokens: jax.Array, *, scan: bool = False,
-                  remat: str = "none", compute_dtype: str | None = None) -> jax.Array:
+                  remat: str = "none", compute_dtype: str | None = None,
+                  activation_sharding=None) -> jax.Array:
     """Final-norm hidden states ``[batch, seq, hidden]`` for positions ``0..seq-1``.
 
     Args:
@@ -169,6 +175,10 @@ def hidden_states(config: ModelConfig, params: dict, tokens: jax.Array, *, scan:
       compute_dtype: "float32" | "bfloat16": the modules compute in this dtype (None: the
         config's ``param_dtype``). ``params`` must already be in it (``cast_floating``); the
         norms' statistics and the attention softmax stay in float32 (``llama.py``).
+      activation_sharding: a ``NamedSharding`` for the ``[batch, seq, hidden]`` activations
+        (the batch's rows over the data axes), imposed after the embedding and after every
+        layer. Without it the partitioner may follow the weights' fsdp split instead and keep
+        every row's activations (attention scores included) on every device.
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
@@ -180,20 +190,38 @@ def hidden_states(config: ModelConfig, params: dict, tokens: jax.Array, *, scan:
     positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32)[None, :], (batch, seq))
     cos, sin = rope_cos_sin(config, positions)
 
-    def layer(h, layer_params):
-        out, _ = nnx.merge(layer_def, layer_params)(h, cos, sin, None, None)
-        return out
+    windows = config.layer_windows
 
-    policy = REMAT_POLICIES[remat]
-    if remat != "none":
-        layer = jax.checkpoint(layer, policy=policy)
+    def constrain(h):
+        if activation_sharding is None:
+            return h
+        return jax.lax.with_sharding_constraint(h, activation_sharding)
 
-    h = nnx.merge(embed_def, model["embed_tokens"])(tokens)
-    if scan:
-        h, _ = jax.lax.scan(lambda carry, lp: (layer(carry, lp), None), h, model["layers"])
-    else:
+    def layer(h, layer_params, window):
+        out, _ = nnx.merge(layer_def, layer_params)(h, cos, sin, None, None, window)
+        return constrain(out)
+
+    def checkpointed(static_window: bool):
+        if remat == "none":
+            return layer
+        # A window given as a Python value (or None) stays one inside the checkpoint.
+        return jax.checkpoint(layer, policy=REMAT_POLICIES[remat],
+                              static_argnums=(2,) if static_window else ())
+
+    h = constrain(scale_embedding(config, nnx.merge(embed_def, model["embed_tokens"])(tokens)))
+    if not scan:
+        run = checkpointed(True)
         for i in range(config.num_hidden_layers):
-            h = layer(h, model["layers"][i])
+            h = run(h, model["layers"][i], windows[i])
+    elif len(set(windows)) == 1:
+        run = checkpointed(True)
+        h, _ = jax.lax.scan(lambda carry, lp: (run(carry, lp, windows[0]), None), h,
+                            model["layers"])
+    else:
+        run = checkpointed(False)
+        per_layer = np.asarray([seq if w is None else w for w in windows], np.int32)
+        h, _ = jax.lax.scan(lambda carry, xs: (run(carry, *xs), None), h,
+                            (model["layers"], per_layer))
     return nnx.merge(norm_def, model["norm"])(h)
 
 

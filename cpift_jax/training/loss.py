@@ -18,6 +18,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from cpift_jax.models.layers import softcap
+
 __all__ = ["masked_cross_entropy", "chunked_nll"]
 
 
@@ -30,14 +32,17 @@ def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array)
     return (nll * m).sum() / jnp.maximum(count, 1.0), count
 
 
-def _chunk_logits(hidden, kernel, start, size):
-    """float32 logits of vocabulary columns ``start .. start + size - 1``."""
+def _chunk_logits(hidden, kernel, start, size, cap):
+    """float32 logits of vocabulary columns ``start .. start + size - 1``, soft-capped
+    (``cap * tanh(x / cap)``, Gemma-2) when ``cap`` is set: the cap acts on each logit alone,
+    so capping chunk by chunk is exact."""
     columns = jax.lax.dynamic_slice_in_dim(kernel, start, size, axis=1)
-    return jnp.dot(hidden, columns, preferred_element_type=jnp.float32)
+    logits = jnp.dot(hidden, columns, preferred_element_type=jnp.float32)
+    return logits if cap is None else softcap(logits, cap)
 
 
 def chunked_nll(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, mask: jax.Array,
-                chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+                chunk: int = 0, softcap_at: float | None = None) -> tuple[jax.Array, jax.Array]:
     """(sum of the masked NLL, number of masked tokens), float32 scalars.
 
     Args:
@@ -45,6 +50,7 @@ def chunked_nll(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, mask: 
       kernel: ``[hidden, vocab]`` output projection.
       targets: int ``[...]`` next-token ids; mask: bool ``[...]`` (True = counted).
       chunk: vocabulary columns per chunk; 0 or >= vocab: one chunk (full logits).
+      softcap_at: the model's final-logit soft-cap (``ModelConfig.final_logit_softcapping``).
     """
     vocab = kernel.shape[1]
     rows = hidden.reshape(-1, hidden.shape[-1])
@@ -56,7 +62,7 @@ def chunked_nll(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, mask: 
     count = mask.astype(jnp.float32).sum()
 
     if size == vocab:
-        logits = _chunk_logits(rows, kernel, 0, vocab)
+        logits = _chunk_logits(rows, kernel, 0, vocab, softcap_at)
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
         return jnp.where(mask, lse - picked, 0.0).sum(), count
@@ -66,7 +72,7 @@ def chunked_nll(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, mask: 
         running_max, running_sum, picked = carry
         first_new = index * size  # columns before it belong to earlier chunks
         start = jnp.minimum(first_new, vocab - size)
-        logits = _chunk_logits(rows, kernel, start, size)
+        logits = _chunk_logits(rows, kernel, start, size, softcap_at)
         columns = start + jnp.arange(size, dtype=jnp.int32)
         fresh = columns >= first_new
         logits = jnp.where(fresh[None, :], logits, -jnp.inf)

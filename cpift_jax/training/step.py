@@ -208,14 +208,18 @@ def batch_sharding(mesh: Mesh, rows: int, *, micro_batches: int = 1) -> NamedSha
 
 
 def _nll_sum(model_config: ModelConfig, step_config: StepConfig, prepared: Pytree,
-             tokens: jax.Array, mask: jax.Array):
+             tokens: jax.Array, mask: jax.Array, row_sharding: NamedSharding | None):
     params = scan_lib.cast_floating(prepared, step_config.compute_dtype)
+    activations = None if row_sharding is None else NamedSharding(
+        row_sharding.mesh, PartitionSpec(row_sharding.spec[0], None, None))
     hidden = scan_lib.hidden_states(model_config, params, tokens[:, :-1],
                                     scan=step_config.scan_layers, remat=step_config.remat,
-                                    compute_dtype=step_config.compute_dtype)
+                                    compute_dtype=step_config.compute_dtype,
+                                    activation_sharding=activations)
     kernel = scan_lib.head_kernel(model_config, params)
     return loss_lib.chunked_nll(hidden, kernel, tokens[:, 1:], mask[:, 1:],
-                                step_config.vocab_chunk)
+                                step_config.vocab_chunk,
+                                softcap_at=model_config.final_logit_softcapping)
 
 
 def loss_and_grads(model_config: ModelConfig, step_config: StepConfig, params: Pytree,
@@ -226,7 +230,8 @@ def loss_and_grads(model_config: ModelConfig, step_config: StepConfig, params: P
     micro-batch's rows."""
     prepared = params
     value_and_grad = jax.value_and_grad(
-        lambda p, t, m: _nll_sum(model_config, step_config, p, t, m), has_aux=True)
+        lambda p, t, m: _nll_sum(model_config, step_config, p, t, m, row_sharding),
+        has_aux=True)
     tokens, mask = batch["tokens"], batch["loss_mask"]
     micro = step_config.micro_batches
     if micro == 1:
