@@ -121,11 +121,11 @@ def test_core_mask_on_one_accelerator_runs_on_device_and_flags_non_finite_by_lea
     want = masks.core_mask(base, tuned, 0.3)  # host counting passes
     monkeypatch.setattr(masks, "_on_accelerator", lambda pairs: True)
     device = jax.devices()[0]
-    masks._leaf_program.cache_clear()
+    masks.leaf_program.cache_clear()
     got = masks.core_mask(jax.device_put(base, device), jax.device_put(tuned, device), 0.3)
     assert_same_masks(got, want)
     # The per-leaf device passes ran: high, low, counts and mask or cut, for each of 2 shapes.
-    assert masks._leaf_program.cache_info().currsize == 8
+    assert masks.leaf_program.cache_info().currsize == 8
     tuned["b"][7] = np.nan
     with pytest.raises(ValueError, match="leaf 'b': .tuned - base. has NaN or Inf"):
         masks.core_mask(jax.device_put(base, device), jax.device_put(tuned, device), 0.3)
@@ -162,11 +162,11 @@ def test_sharded_core_mask_compiles_the_same_programs_whatever_the_depth():
         want = masks.core_mask(base, tuned, 0.05)
         sharded_base, shardings = on_mesh(base, mesh)
         sharded = sharded_base, on_mesh(tuned, mesh)[0]
-        masks._leaf_program.cache_clear()  # fresh programs: each one compiles again
+        masks.leaf_program.cache_clear()  # fresh programs: each one compiles again
         got = {}
         names = _compiled_leaf_programs(lambda: got.update(mask=masks.core_mask(*sharded, 0.05)))
         assert_same_masks(got["mask"], want)
-        assert len(names) == masks._leaf_program.cache_info().currsize  # each compiled once
+        assert len(names) == masks.leaf_program.cache_info().currsize  # each compiled once
         compiled[layers] = collections.Counter(n.split("core_mask_")[1].rstrip(")") for n in names)
         kinds[layers] = {(x.shape, x.dtype, s.spec) for x, s in zip(jax.tree.leaves(base),
                                                                      jax.tree.leaves(shardings))}

@@ -119,7 +119,7 @@ def test_per_leaf_core_mask_programs_lower_for_a_leaf_of_more_than_2_pow_31_entr
                "mask": (scalar(jnp.float32), scalar(jnp.bool_)), "cut": (scalar(jnp.float32), count)}
     assert set(scalars) == set(masks._PASSES)
     for name, args in scalars.items():
-        program = masks._leaf_program(name, mesh, shape, (leaf.dtype, leaf.dtype), spec)
+        program = masks.leaf_program(name, mesh, shape, (leaf.dtype, leaf.dtype), spec)
         lowered = program.lower(leaf, leaf, *args)
         if name in ("mask", "cut"):
             assert lowered.out_info.shape == shape and lowered.out_info.dtype == jnp.bool_
