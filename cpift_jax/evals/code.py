@@ -29,20 +29,17 @@ that is missing ``run`` refuses with ``reason = "sandbox unavailable: ..."`` unl
 ``allow_unsandboxed=True``, which keeps only the temporary directory, the resource limits and the
 process-group kill (no network, file-system or PID isolation: a ``setsid`` daemon survives).
 
-The module is also the sandbox's entry point (``python -I code.py sandbox|plain ...``), so the
-child side imports only the standard library.
+The child side (supervisor and program runner) is ``sandbox_child.py``, run by path and
+importing only the standard library.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import errno
 import json
 import math
 import os
 import platform
-import resource
 import secrets
 import shutil
 import signal
@@ -51,16 +48,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
+
+from cpift_jax.evals import sandbox_child
 
 __all__ = ["CodeResult", "run", "sandbox_problem"]
 
-_PASS_MARKER = "cpift-sandbox-pass:"
-_SETUP_FAILED = "sandbox setup failed:"
-_LEFTOVER = "sandbox: the program left processes running:"
-_SETUP_EXIT = 125  # supervisor could not build the sandbox
-_LEFTOVER_EXIT = 126  # program finished but left processes behind (they die with the namespace)
-_MEMORY_EXIT = 3  # the program raised MemoryError (the address-space limit)
 _TAIL_BYTES = 4000
 _KILL_GRACE_S = 5.0
 
@@ -91,7 +83,7 @@ def sandbox_problem() -> str | None:
                 f"{os.geteuid()})")
     if shutil.which("unshare") is None:
         return "util-linux `unshare` not found on PATH"
-    if _MOUNT_SETATTR_NR.get(platform.machine()) is None:
+    if sandbox_child.MOUNT_SETATTR_NR.get(platform.machine()) is None:
         return f"mount_setattr syscall number unknown for {platform.machine()}"
     for ns in ("net", "pid", "mnt", "ipc", "uts"):
         if not os.path.exists(f"/proc/self/ns/{ns}"):
@@ -142,10 +134,10 @@ def run(program: str, test: str, *, timeout_s: float = 10.0, memory_mb: int = 10
                      "hidden": _hidden_interpreter_dirs(), "limits": limits}
             cmd = [shutil.which("unshare"), "--net", "--pid", "--fork", "--kill-child",
                    "--mount-proc", "--ipc", "--uts", "--",
-                   sys.executable, "-I", "-B", os.path.abspath(__file__), "sandbox",
+                   sys.executable, "-I", "-B", os.path.abspath(sandbox_child.__file__), "sandbox",
                    json.dumps(setup)]
         else:
-            cmd = [sys.executable, "-I", "-B", os.path.abspath(__file__), "plain",
+            cmd = [sys.executable, "-I", "-B", os.path.abspath(sandbox_child.__file__), "plain",
                    json.dumps({"workdir": workdir, "limits": limits})]
         return _execute(cmd, workdir, iodir, timeout_s, sandboxed, memory_mb)
     finally:
@@ -177,7 +169,7 @@ def _execute(cmd, workdir, iodir, timeout_s, sandboxed, memory_mb) -> CodeResult
     stdout, stderr = _tail(out_path), _tail(err_path)
     reason = _classify(proc.returncode, stdout, stderr, nonce, timed_out, timeout_s, sandboxed,
                        memory_mb)
-    stdout = stdout.replace(f"\n{_PASS_MARKER}{nonce}\n", "")
+    stdout = stdout.replace(f"\n{sandbox_child.PASS_MARKER}{nonce}\n", "")
     return CodeResult(reason == "passed", reason, duration, stdout, stderr)
 
 
@@ -236,15 +228,15 @@ def _last_line(text: str) -> str:
 def _classify(rc, stdout, stderr, nonce, timed_out, timeout_s, sandboxed, memory_mb) -> str:
     if timed_out:
         return f"timeout after {timeout_s:g} s"
-    if rc == _SETUP_EXIT and _SETUP_FAILED in stderr:
-        return "sandbox unavailable: " + stderr.split(_SETUP_FAILED, 1)[1].strip()[:300]
+    if rc == sandbox_child.SETUP_EXIT and sandbox_child.SETUP_FAILED in stderr:
+        return "sandbox unavailable: " + stderr.split(sandbox_child.SETUP_FAILED, 1)[1].strip()[:300]
     if sandboxed and rc == 1 and stderr.startswith("unshare:"):
         return "sandbox unavailable: " + _last_line(stderr)
-    if rc == _LEFTOVER_EXIT and _LEFTOVER in stderr:
+    if rc == sandbox_child.LEFTOVER_EXIT and sandbox_child.LEFTOVER in stderr:
         return "failed: left background processes running (killed with the sandbox)"
-    if rc == 0 and f"{_PASS_MARKER}{nonce}" in stdout:
+    if rc == 0 and f"{sandbox_child.PASS_MARKER}{nonce}" in stdout:
         return "passed"
-    if rc == _MEMORY_EXIT and "MemoryError" in stderr:
+    if rc == sandbox_child.MEMORY_EXIT and "MemoryError" in stderr:
         return f"memory limit: MemoryError at {memory_mb} MB of address space"
     sig = (rc - 128 if rc > 128 else None) if sandboxed else (-rc if rc < 0 else None)
     if sig is not None:
@@ -280,172 +272,3 @@ def _untraversable_ancestor(path: str) -> str | None:
         if not os.stat(ancestor).st_mode & stat.S_IXOTH:
             return ancestor
     return None
-
-
-# ---------------------------------------------------------------------------------- child side
-
-_MOUNT_SETATTR_NR = {"x86_64": 442, "aarch64": 442}
-_AT_FDCWD, _AT_RECURSIVE = -100, 0x8000
-_MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID = 0x1, 0x2
-_MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_BIND, _MS_REC, _MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
-_PR_SET_DUMPABLE, _PR_SET_NO_NEW_PRIVS = 4, 38
-_DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9)}
-
-
-class _MountAttr(ctypes.Structure):
-    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
-
-
-def _libc_call(libc, what: str, result: int) -> None:
-    if result != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
-def _build_sandbox(setup: dict) -> None:
-    """Runs as root inside the fresh namespaces: read-only file system except the work directory,
-    minimal /dev, hidden non-traversable directories, then drop to the unprivileged uid."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
-
-    def mount(source, target, fstype, flags, data=None):
-        enc = lambda s: None if s is None else s.encode()  # noqa: E731
-        _libc_call(libc, f"mount {target}",
-                   libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)))
-
-    def setattr_(path, attr_set, attr_clr, recursive):
-        attr = _MountAttr(attr_set, attr_clr, 0, 0)
-        nr = _MOUNT_SETATTR_NR[platform.machine()]
-        _libc_call(libc, f"mount_setattr {path}", libc.syscall(
-            ctypes.c_long(nr), ctypes.c_int(_AT_FDCWD), ctypes.c_char_p(path.encode()),
-            ctypes.c_uint(_AT_RECURSIVE if recursive else 0), ctypes.byref(attr),
-            ctypes.c_size_t(ctypes.sizeof(attr))))
-
-    os.umask(0o022)
-    mount(None, "/", None, _MS_REC | _MS_PRIVATE)
-    for top, keep in setup["hidden"].items():
-        fds = [os.open(path, os.O_PATH | os.O_DIRECTORY) for path in keep]
-        mount("tmpfs", top, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755,size=64k")
-        for path, fd in zip(keep, fds):
-            os.makedirs(path, exist_ok=True)
-            mount(f"/proc/self/fd/{fd}", path, None, _MS_BIND | _MS_REC)
-            os.close(fd)
-    mount("tmpfs", "/dev", "tmpfs", _MS_NOSUID | _MS_NOEXEC, "mode=0755,size=64k")
-    for name, (major, minor) in _DEVICES.items():
-        os.mknod(f"/dev/{name}", stat.S_IFCHR | 0o666, os.makedev(major, minor))
-        os.chmod(f"/dev/{name}", 0o666)
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
-        os.symlink(target, f"/dev/{name}")
-    workdir = setup["workdir"]
-    mount(workdir, workdir, None, _MS_BIND)
-    setattr_("/", _MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID, 0, recursive=True)
-    setattr_(workdir, 0, _MOUNT_ATTR_RDONLY, recursive=False)
-    os.chdir(workdir)
-    os.setgroups([])
-    os.setgid(setup["gid"])
-    os.setuid(setup["uid"])
-    _libc_call(libc, "prctl(NO_NEW_PRIVS)", libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
-    _libc_call(libc, "prctl(DUMPABLE)", libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0))
-    if os.getuid() == 0 or os.geteuid() == 0:
-        raise OSError(errno.EPERM, "still root after setuid")
-
-
-def _supervise(setup: dict) -> None:
-    """PID-namespace init: build the sandbox, fork the program, reap everything, and report the
-    program's status (a signal as 128 + N); exiting tears the namespace down."""
-    try:
-        _build_sandbox(setup)
-    except Exception as e:  # noqa: BLE001 -- any setup failure means: refuse to run the program
-        os.write(2, f"{_SETUP_FAILED} {type(e).__name__}: {e}\n".encode())
-        os._exit(_SETUP_EXIT)
-    child = os.fork()
-    if child == 0:
-        _run_program(setup["limits"])
-    status = None
-    while status is None:
-        pid, wstatus = os.waitpid(-1, 0)
-        if pid == child:
-            status = wstatus
-    while True:  # reap orphans that already exited
-        try:
-            if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                break
-        except ChildProcessError:
-            break
-    code = os.waitstatus_to_exitcode(status)
-    code = 128 - code if code < 0 else code
-    left = [p for p in os.listdir("/proc") if p.isdigit() and p != "1"]
-    if left and code == 0:
-        os.write(2, f"{_LEFTOVER} {len(left)}\n".encode())
-        code = _LEFTOVER_EXIT
-    os._exit(code)
-
-
-def _set_limits(limits: dict) -> None:
-    for res, value, hard in (
-            (resource.RLIMIT_CPU, limits["cpu_s"], limits["cpu_s"] + 1),
-            (resource.RLIMIT_AS, limits["memory_bytes"], None),
-            (resource.RLIMIT_DATA, limits["memory_bytes"], None),
-            (resource.RLIMIT_FSIZE, limits["file_bytes"], None),
-            (resource.RLIMIT_NPROC, limits["nproc"], None),
-            (resource.RLIMIT_NOFILE, limits["nofile"], None),
-            (resource.RLIMIT_CORE, 0, None)):
-        resource.setrlimit(res, (value, value if hard is None else hard))
-
-
-def _run_program(limits: dict) -> None:
-    """Execute program.py then test.py (from the current directory) in one namespace; never
-    returns."""
-    exit_, write, flush_streams = os._exit, os.write, _flush_streams
-    try:
-        _set_limits(limits)
-        marker = f"\n{_PASS_MARKER}{sys.stdin.readline().strip()}\n".encode()
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.close(devnull)
-        sys.stdin = open(os.devnull)
-        sources = []
-        for name in ("program.py", "test.py"):
-            with open(name, encoding="utf-8") as f:
-                sources.append((name, f.read()))
-    except BaseException as e:  # noqa: BLE001
-        write(2, f"{_SETUP_FAILED} {type(e).__name__}: {e}\n".encode())
-        exit_(_SETUP_EXIT)
-    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
-    try:
-        for name, source in sources:
-            exec(compile(source, name, "exec"), namespace)  # noqa: S102 -- the point of the sandbox
-    except MemoryError:
-        namespace.clear()
-        write(2, b"MemoryError\n")
-        exit_(_MEMORY_EXIT)
-    except BaseException:  # noqa: BLE001 -- SystemExit from the program is a failure too
-        traceback.print_exc()
-        flush_streams()
-        exit_(1)
-    flush_streams()
-    write(1, marker)
-    exit_(0)  # skip atexit handlers and non-daemon threads of the program
-
-
-def _flush_streams() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # noqa: BLE001 -- the program may have closed or replaced them
-            pass
-
-
-def _child_main(argv: list[str]) -> None:
-    mode, setup = argv[0], json.loads(argv[1])
-    if mode == "sandbox":
-        _supervise(setup)
-    elif mode == "plain":
-        _run_program(setup["limits"])
-    raise SystemExit(f"unknown mode {mode!r}: expected 'sandbox' or 'plain'")
-
-
-if __name__ == "__main__":
-    _child_main(sys.argv[1:])
