@@ -49,6 +49,7 @@ def _score_leaves(min_size=1, max_size=60):
 # ----------------------------------------------------------------------------------- threshold
 
 
+@pytest.mark.slow
 def test_threshold_literal():
     scores = {"a": np.array([[1.0, 5.0], [3.0, 3.0]], np.float32), "b": np.array([7.0, 0.0])}
     # All values, largest first: 7 5 3 3 1 0 (b is float64, compared in float32).

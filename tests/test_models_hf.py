@@ -159,6 +159,7 @@ def _rewrite_weights(path, edit):
     save_file(tensors, path / hf.SINGLE_FILE, metadata={"format": "pt"})
 
 
+@pytest.mark.slow
 def test_unknown_model_type_lists_supported(tmp_path):
     path = _saved("llama_tied", tmp_path)
     config = json.loads((path / "config.json").read_text())

@@ -163,6 +163,7 @@ def test_param_layout_is_hf_like():
         models.abstract_params(c.replace(tie_word_embeddings=True)))
 
 
+@pytest.mark.slow
 def test_init_params_is_a_plain_dict_deterministic_per_seed_in_param_dtype():
     a, b = models.init_params(TINY, 0), models.init_params(TINY, 0)
     assert type(a) is dict and type(a["model"]["layers"]) is dict
@@ -174,6 +175,7 @@ def test_init_params_is_a_plain_dict_deterministic_per_seed_in_param_dtype():
     assert {x.dtype for x in jax.tree.leaves(bf16)} == {jnp.dtype(jnp.bfloat16)}
 
 
+@pytest.mark.slow
 def test_module_and_functional_logits_agree():
     model = models.LlamaForCausalLM(TINY, rngs=nnx.Rngs(0))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -215,6 +217,7 @@ def test_logits_are_causal(tokens, other, cut):
     np.testing.assert_allclose(la[:, : cut + 1], lb[:, : cut + 1], atol=1e-6)
 
 
+@pytest.mark.slow
 @settings(max_examples=5, deadline=None)
 @given(st.lists(st.integers(0, 63), min_size=6, max_size=6), st.integers(1, 500))
 def test_rope_attention_depends_only_on_relative_positions(tokens, offset):

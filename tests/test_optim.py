@@ -135,6 +135,7 @@ def test_nan_gradients_poison_an_unfrozen_optimizer():
     assert np.isnan(np.asarray(new["w"])).all()
 
 
+@pytest.mark.slow
 def test_jitted_update_matches_eager_update():
     params, mask = _params_and_mask(jnp.float32)
     tx = optim.make(_config(weight_decay=0.1, weight_decay_mask=None), frozen=mask)

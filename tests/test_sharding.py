@@ -58,6 +58,7 @@ def test_make_mesh_from_config(shape, expected):
     assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
 
 
+@pytest.mark.slow
 def test_default_mesh_on_one_device_keeps_single_device_placement():
     device = jax.devices()[0]
     mesh = sharding.make_mesh(sharding.default_mesh_config(), devices=[device])

@@ -126,6 +126,7 @@ def test_recipe_merge_of_three_models_equals_the_in_memory_operator(
     assert_same_tensors(out, in_memory(op, ckpts, **hp))
 
 
+@pytest.mark.slow
 def test_slerp_recipe_rules_follow_the_layer_gradient(ckpts, tmp_path):
     """configs/merge/slerp.py: attention t from 0 (layer 0) to 1 (last layer), MLP mirrored."""
     a, b = read_dir(ckpts["m0"]), read_dir(ckpts["m1"])
@@ -343,6 +344,7 @@ def _tensor_inputs(seed, n=3, shape=(8, 6)):
     return [rng.normal(size=shape).astype(np.float32) for _ in range(n)]
 
 
+@pytest.mark.slow
 def test_floats_an_operator_needs_as_numbers_are_compiled_in_and_the_switch_is_logged(caplog):
     """ties takes ``density`` only as a Python number: one program per value, said once; slerp
     takes ``t`` traced: one program for every value, nothing said. Results match the operator."""

@@ -55,6 +55,7 @@ def test_masked_cross_entropy_written_out():
     assert float(loss) == 0.0 and float(count) == 0.0
 
 
+@pytest.mark.slow
 def test_step_loss_counts_only_answer_tokens():
     params = models.init_params(CONFIG, 0)
     batch = _batch()
@@ -69,6 +70,7 @@ def test_step_loss_counts_only_answer_tokens():
     np.testing.assert_allclose(float(loss), nll[m].mean(), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_few_steps_reduce_the_loss_and_keep_caller_params():
     params = models.init_params(CONFIG, 0)
     before = jax.tree.map(np.array, params)
