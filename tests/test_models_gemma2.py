@@ -13,6 +13,7 @@ from cpift_jax import models, sharding, tree
 from cpift_jax.models import hf
 from cpift_jax.models import scan as scan_lib
 from cpift_jax.models.layers import scale_embedding
+from test_models_hf import torch_logits  # tests/ is on sys.path under pytest
 
 WINDOW = 4
 SEQ = 12  # longer than WINDOW, so the local layers see less than the global ones
@@ -164,13 +165,6 @@ def _torch_model(seed=0, **changes):
     return model.eval()
 
 
-def _torch_logits(model, tokens=TOKENS):
-    import torch
-
-    with torch.no_grad():
-        return model(torch.as_tensor(tokens)).logits.numpy()
-
-
 def _max_diff(ours, ref):
     ours = np.asarray(ours)
     np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1))
@@ -183,7 +177,7 @@ def test_load_matches_transformers_gemma2_logits(tmp_path):
     model.save_pretrained(tmp_path)
     config, params = hf.load(tmp_path)
     assert config.model_type == "gemma2" and config.layer_windows == (WINDOW, None, WINDOW)
-    ref = _torch_logits(model)
+    ref = torch_logits(model, TOKENS)
     # Same tolerance as the other architectures (tests/test_models_hf.py).
     assert _max_diff(models.logits(config, params, jnp.asarray(TOKENS)), ref) <= 1e-4
     # Final soft-capping is active: every logit is within the cap, some close to it.
@@ -212,7 +206,7 @@ def test_save_then_transformers_from_pretrained_round_trips(tmp_path):
                                                                  attn_implementation="eager")
     assert type(reloaded).__name__ == "Gemma2ForCausalLM"
     assert _max_diff(models.logits(config, params, jnp.asarray(TOKENS)),
-                     _torch_logits(reloaded.eval())) <= 1e-4
+                     torch_logits(reloaded.eval(), TOKENS)) <= 1e-4
     again_config, again = hf.load(tmp_path / "out")
     assert again_config == config
     jax.tree.map(np.testing.assert_array_equal, again, params)

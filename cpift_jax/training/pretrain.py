@@ -30,7 +30,7 @@ from absl import logging
 
 import cpift_jax
 from cpift_jax import cache as cache_lib
-from cpift_jax import distributed, models, sharding
+from cpift_jax import distributed, models
 from cpift_jax import optim
 from cpift_jax.training import train as train_lib
 from cpift_jax import tree as tree_lib
@@ -177,13 +177,11 @@ def _load_or_train(cache: Path, model_config, config, arrays, meta: dict, progre
     if distributed.is_primary():
         cache.mkdir(parents=True, exist_ok=True)
         params = models.init_params(model_config, config.seed)
-        one_device = sharding.make_mesh(sharding.default_mesh_config(),
-                                        devices=jax.local_devices()[:1])
-        params, _ = train_lib.train(
+        params, _ = train_lib.train(  # mesh=None: this process's first device
             model_config, params, config.optimizer,
             batching.batches(arrays, config.batch_size, config.seed),
             steps=config.steps, metrics_path=cache / "base_metrics.jsonl", progress=progress,
-            description="pretrain", mesh=one_device,
+            description="pretrain",
         )
         save_npz(cache / _PARAMS, params)
         write_json(cache / _META, meta)
