@@ -9,6 +9,10 @@ prompt and the padding never contribute.
 Batch streams are infinite and deterministic per seed: epoch ``e`` visits the rows in the order
 ``np.random.default_rng([seed, e]).permutation``; batches run across epoch boundaries. ``UniformBatches``/``MixtureBatches`` give random access
 to the same streams (global batch ``i`` without batches ``0..i-1``), for per-process loading.
+
+Packed rows (``cpift_jax.data.packing.pack``) also carry int32 ``segment_ids`` and ``positions``
+of the same ``[rows, seq_len]`` shape; the streams carry whatever key set their arrays have
+(``KEYS`` or ``PACKED_KEYS``), and every task of a mixture must have the same one.
 """
 
 from __future__ import annotations
@@ -21,9 +25,13 @@ import numpy as np
 from cpift_jax.data.tokenizer import Tokenizer
 
 __all__ = ["encode_examples", "encode_prompts", "batches", "mixture_batches", "IndexStream",
-           "UniformBatches", "MixtureBatches"]
+           "UniformBatches", "MixtureBatches", "KEYS", "PACKED_KEYS"]
 
 Arrays = dict[str, np.ndarray]
+
+# The key sets a stream's arrays may have: plain rows, or packed rows (data.packing).
+KEYS = ("tokens", "loss_mask")
+PACKED_KEYS = KEYS + ("segment_ids", "positions")
 
 
 def encode_examples(tokenizer: Tokenizer, examples: Sequence, seq_len: int) -> Arrays:
@@ -107,14 +115,17 @@ class IndexStream:
 
 
 def _check_arrays(arrays: Arrays, what: str) -> int:
-    if set(arrays) != {"tokens", "loss_mask"}:
-        raise ValueError(f"{what}: expected keys tokens and loss_mask, got {sorted(arrays)}")
-    if arrays["tokens"].shape != arrays["loss_mask"].shape or arrays["tokens"].ndim != 2:
-        raise ValueError(
-            f"{what}: tokens {arrays['tokens'].shape} and loss_mask {arrays['loss_mask'].shape} "
-            "must be equal [rows, seq_len] shapes"
-        )
-    return arrays["tokens"].shape[0]
+    """The number of rows; ValueError unless the keys are ``KEYS`` or ``PACKED_KEYS`` and every
+    array has the ``[rows, seq_len]`` shape of ``tokens``."""
+    if set(arrays) not in (set(KEYS), set(PACKED_KEYS)):
+        raise ValueError(f"{what}: expected keys tokens and loss_mask (packed rows: also "
+                         f"segment_ids and positions), got {sorted(arrays)}")
+    shape = np.shape(arrays["tokens"])
+    for key, value in arrays.items():
+        if np.shape(value) != shape or len(shape) != 2:
+            raise ValueError(f"{what}: {key} has shape {np.shape(value)} but every array must "
+                             f"have the [rows, seq_len] shape of tokens, {shape}")
+    return shape[0]
 
 
 class UniformBatches:
@@ -162,6 +173,11 @@ class MixtureBatches:
             IndexStream(_check_arrays(arrays_by_task[n], f"task {n!r}"), seed * 1009 + i)
             for i, n in enumerate(names)
         ]
+        packed = [n for n in names if len(arrays_by_task[n]) == len(PACKED_KEYS)]
+        if packed and len(packed) != len(names):
+            raise ValueError(f"all tasks must be packed or none (one key set per stream); "
+                             f"packed: {packed}, not packed: "
+                             f"{[n for n in names if n not in packed]}")
         # Integer credits keep ties exact (float credits drift apart in the last bit).
         self._units = [int(u) for u in np.round(w * 2**30).astype(np.int64)]
         zeros = [0] * len(names)
@@ -202,7 +218,7 @@ class MixtureBatches:
                 idx = self._streams[t].at(start + a - offset, b - a)
                 parts.append({k: v[idx] for k, v in self.arrays[self.names[t]].items()})
             offset += count
-        return {k: np.concatenate([p[k] for p in parts]) for k in ("tokens", "loss_mask")}
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def __getitem__(self, i: int) -> Arrays:
         return self.rows(i, 0, self.batch_size)

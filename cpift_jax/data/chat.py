@@ -15,6 +15,8 @@ token. The full text is tokenized once, and a token is supervised iff it starts 
 
 Rows are ``int32`` tokens right-padded with the pad token (EOS when there is none) and a
 ``bool`` loss mask, the ``{"tokens", "loss_mask"}`` arrays of ``cpift_jax.data.batching``.
+``token_ids`` gives one conversation's tokens and mask unpadded, the documents that
+``cpift_jax.data.packing.pack`` packs several to a row.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["assistant_spans", "encode_chat", "encode_chats"]
+__all__ = ["assistant_spans", "token_ids", "encode_chat", "encode_chats"]
 
 
 def _hf(tokenizer):
@@ -74,6 +76,24 @@ def assistant_spans(tokenizer, messages: Sequence[dict], *, name: str = "convers
     return text, spans
 
 
+def token_ids(tokenizer, messages: Sequence[dict], *, name: str = "conversation"
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """``(tokens int32 [n], loss_mask bool [n])`` of one conversation, unpadded (``n`` its
+    token count); the mask is ``encode_chat``'s."""
+    ids, mask = _ids_and_mask(_hf(tokenizer), messages, name)
+    return np.asarray(ids, np.int32), np.asarray(mask, bool)
+
+
+def _ids_and_mask(tok, messages, name) -> tuple[list[int], list[bool]]:
+    if not getattr(tok, "is_fast", False):
+        raise ValueError(f"{name}: encode_chat needs a fast tokenizer (character offsets); got "
+                         f"{type(tok).__name__}")
+    text, spans = assistant_spans(tok, messages, name=name)
+    encoded = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    return ids, [any(a <= s < b for a, b in spans) for s, _ in offsets]
+
+
 def encode_chat(tokenizer, messages: Sequence[dict], seq_len: int, *, truncate: bool = False,
                 name: str = "conversation") -> tuple[np.ndarray, np.ndarray]:
     """``(tokens int32 [seq_len], loss_mask bool [seq_len])`` for one conversation.
@@ -83,13 +103,7 @@ def encode_chat(tokenizer, messages: Sequence[dict], seq_len: int, *, truncate: 
     token still raises).
     """
     tok = _hf(tokenizer)
-    if not getattr(tok, "is_fast", False):
-        raise ValueError(f"{name}: encode_chat needs a fast tokenizer (character offsets); got "
-                         f"{type(tok).__name__}")
-    text, spans = assistant_spans(tok, messages, name=name)
-    encoded = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-    mask = [any(a <= s < b for a, b in spans) for s, _ in offsets]
+    ids, mask = _ids_and_mask(tok, messages, name)
     if len(ids) > seq_len:
         if not truncate:
             raise ValueError(f"{name} needs {len(ids)} tokens but seq_len is {seq_len}; raise "

@@ -69,9 +69,10 @@ class _ProcessRows:
 
 
 class GlobalBatchLoader:
-    """Iterator of global batches ``{"tokens", "loss_mask"}`` as ``jax.Array``s sharded by
-    ``batch_sharding`` (rows along its first dimension); ``get_state``/``set_state`` give and
-    take the position for checkpoints."""
+    """Iterator of global batches ``{"tokens", "loss_mask"}`` (packed sources: also
+    ``"segment_ids"``, ``"positions"``; every key the source's rows have) as ``jax.Array``s
+    sharded by ``batch_sharding`` (rows along its first dimension); ``get_state``/``set_state``
+    give and take the position for checkpoints."""
 
     def __init__(self, source: BatchSource, batch_sharding: jax.sharding.Sharding,
                  seq_len: int, *, start: int = 0):

@@ -55,12 +55,16 @@ def bind(config: ModelConfig, params: dict) -> LlamaForCausalLM:
 
 
 @functools.partial(jax.jit, static_argnames="config")
-def logits(config: ModelConfig, params: dict, tokens: jax.Array) -> jax.Array:
+def logits(config: ModelConfig, params: dict, tokens: jax.Array, *,
+           segment_ids: jax.Array | None = None, positions: jax.Array | None = None
+           ) -> jax.Array:
     """Causal LM logits, float32 ``[batch, seq, vocab]``, positions ``0..seq-1``.
 
     Right padding is harmless (a token never attends to later positions); mask the loss.
+    Packed rows (``cpift_jax.data.packing``) pass their ``segment_ids`` and ``positions``
+    (int ``[batch, seq]``): each document then attends only to itself, with its own positions.
     """
-    return bind(config, params)(tokens)
+    return bind(config, params)(tokens, positions, segment_ids)
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:

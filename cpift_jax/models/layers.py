@@ -115,6 +115,21 @@ def attention_mask(
     return visible[:, None, :, :]
 
 
+def segment_attention_mask(segment_ids: jax.Array, sliding_window) -> jax.Array:
+    """Boolean ``[batch, 1, seq, seq]`` for packed rows: key ``k`` is visible to query ``q`` iff
+    ``q - window < k <= q`` (by index in the row, as ``attention_mask``) and
+    ``segment_ids[q] == segment_ids[k]``.
+
+    ``segment_ids`` is int ``[batch, seq]``, one id per document of a row (0 on padding, which
+    so attends only to padding; every query sees at least itself, so no softmax row is empty).
+    Within one document the index and the document's own position differ by a constant, so
+    the window limits each document exactly as it would run alone.
+    """
+    index = jnp.arange(segment_ids.shape[1])[None, :]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return attention_mask(index, index, sliding_window) & same[:, None, :, :]
+
+
 def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, *,
                       scale: float, softcap_at: float | None = None) -> jax.Array:
     """Grouped-query attention ``softmax(mask(cap(scale * q k^T))) v`` (Vaswani et al. 2017;

@@ -36,7 +36,8 @@ from flax import nnx
 
 from cpift_jax.models.config import ModelConfig
 from cpift_jax.models.layers import (RMSNorm, apply_rope, attention_mask, causal_attention,
-                                     grouped_attention, rope_cos_sin, scale_embedding, softcap)
+                                     grouped_attention, rope_cos_sin, scale_embedding,
+                                     segment_attention_mask, softcap)
 
 KVCache = list  # [{"k": [B, S, K, H], "v": [B, S, K, H]}] * num_hidden_layers
 
@@ -61,6 +62,8 @@ class Attention(nnx.Module):
     """Multi-head attention with GQA and RoPE; optional KV cache written at ``positions``.
 
     ``window`` is this layer's attention window (``config.layer_windows``; None: full causal).
+    ``segment_ids`` (``[batch, seq]`` ints, packed rows; no cache) limits each query to the keys
+    of its own document (``layers.segment_attention_mask``); None keeps the unpacked code.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -72,7 +75,7 @@ class Attention(nnx.Module):
         self.v_proj = _linear(c, c.hidden_size, kv_size, c.attention_bias, rngs)
         self.o_proj = _linear(c, q_size, c.hidden_size, c.attention_out_bias, rngs)
 
-    def __call__(self, x, cos, sin, positions, cache, window):
+    def __call__(self, x, cos, sin, positions, cache, window, segment_ids=None):
         c = self.config
         batch, seq, _ = x.shape
         x = _rows(x)
@@ -80,7 +83,14 @@ class Attention(nnx.Module):
         k = self.k_proj(x).reshape(batch, seq, c.num_key_value_heads, c.head_dim)
         v = self.v_proj(x).reshape(batch, seq, c.num_key_value_heads, c.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed rows) cannot be used with a KV cache")
+            out = grouped_attention(q, k, v, segment_attention_mask(segment_ids, window),
+                                    scale=c.attention_scale,
+                                    softcap_at=c.attn_logit_softcapping)
+            new_cache = None
+        elif cache is None:
             if positions is None and (window is None or self._gemma_scores):
                 out = causal_attention(q, k, v, window=window, **self._score_options())
             else:
@@ -157,9 +167,9 @@ class DecoderLayer(nnx.Module):
             self.post_feedforward_layernorm = _rms_norm(config)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, h, cos, sin, positions, cache, window):
+    def __call__(self, h, cos, sin, positions, cache, window, segment_ids=None):
         attn, new_cache = self.self_attn(self.input_layernorm(h), cos, sin, positions, cache,
-                                         window)
+                                         window, segment_ids)
         if self.sandwich_norms:
             h = h + self.post_attention_layernorm(attn)
             h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
@@ -198,11 +208,15 @@ class LlamaForCausalLM(nnx.Module):
         tokens: jax.Array,
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Final-norm hidden states ``[batch, seq, hidden]`` and the updated cache.
 
         ``positions`` (``[batch, seq]`` ints) default to ``0..seq-1``; with a ``cache`` they are
         also the cache slots written, and each query attends to all slots ``<=`` its position.
+        ``segment_ids`` (``[batch, seq]`` ints, packed rows from ``cpift_jax.data.packing``;
+        no cache) make a key visible only within its query's document; pass the rows'
+        per-document ``positions`` with them.
         """
         batch, seq = tokens.shape
         if cache is not None and positions is None:
@@ -214,7 +228,7 @@ class LlamaForCausalLM(nnx.Module):
         windows = self.config.layer_windows
         for i, layer in enumerate(self.model.layers):
             h, layer_cache = layer(h, cos, sin, positions, None if cache is None else cache[i],
-                                   windows[i])
+                                   windows[i], segment_ids)
             if cache is not None:
                 new_cache.append(layer_cache)
         return self.model.norm(h), new_cache
@@ -232,8 +246,9 @@ class LlamaForCausalLM(nnx.Module):
             out = softcap(out, self.config.final_logit_softcapping)
         return out
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-        return self.head(self.hidden_states(tokens, positions)[0])
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        return self.head(self.hidden_states(tokens, positions, segment_ids=segment_ids)[0])
 
 
 def _rows(x: jax.Array) -> jax.Array:

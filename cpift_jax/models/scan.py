@@ -18,6 +18,11 @@ the maths is the one of ``LlamaForCausalLM.hidden_states`` (without a KV cache),
 with different attention windows (Gemma-2's alternating local and global layers) share the one
 traced layer: the scan carries each layer's window as data, a global layer's being the sequence
 length (which masks nothing).
+
+Packed rows (``cpift_jax.data.packing``): ``hidden_states(..., segment_ids=, positions=)``
+restricts attention to the query's own document and takes the rotary angles from the
+documents' own positions, so each document's hidden states are those it has alone. Without
+them the traced program is the unpacked one, unchanged.
 """
 
 from __future__ import annotations
@@ -165,8 +170,9 @@ def _modules(config: ModelConfig):
 
 def hidden_states(config: ModelConfig, params: dict, tokens: jax.Array, *, scan: bool = False,
                   remat: str = "none", compute_dtype: str | None = None,
-                  activation_sharding=None) -> jax.Array:
-    """Final-norm hidden states ``[batch, seq, hidden]`` for positions ``0..seq-1``.
+                  activation_sharding=None, segment_ids: jax.Array | None = None,
+                  positions: jax.Array | None = None) -> jax.Array:
+    """Final-norm hidden states ``[batch, seq, hidden]`` (positions ``0..seq-1`` by default).
 
     Args:
       params: the storage layout, or with ``scan=True`` the ``stack_layers`` layout.
@@ -179,6 +185,11 @@ def hidden_states(config: ModelConfig, params: dict, tokens: jax.Array, *, scan:
         (the batch's rows over the data axes), imposed after the embedding and after every
         layer. Without it the partitioner may follow the weights' fsdp split instead and keep
         every row's activations (attention scores included) on every device.
+      segment_ids: int ``[batch, seq]``, packed rows: key ``k`` is visible to query ``q`` iff
+        ``k <= q``, both are in one segment and (sliding-window layers) ``q - k < window``
+        (``layers.segment_attention_mask``). None: plain causal attention (the unpacked code).
+      positions: int ``[batch, seq]``, the rotary positions (packed rows: restarting at 0 in
+        every document); None: ``0..seq-1``.
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
@@ -187,7 +198,8 @@ def hidden_states(config: ModelConfig, params: dict, tokens: jax.Array, *, scan:
     embed_def, layer_def, norm_def = _modules(config)
     model = params["model"]
     batch, seq = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32)[None, :], (batch, seq))
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32)[None, :], (batch, seq))
     cos, sin = rope_cos_sin(config, positions)
 
     windows = config.layer_windows
@@ -198,7 +210,8 @@ def hidden_states(config: ModelConfig, params: dict, tokens: jax.Array, *, scan:
         return jax.lax.with_sharding_constraint(h, activation_sharding)
 
     def layer(h, layer_params, window):
-        out, _ = nnx.merge(layer_def, layer_params)(h, cos, sin, None, None, window)
+        out, _ = nnx.merge(layer_def, layer_params)(h, cos, sin, None, None, window,
+                                                    segment_ids)
         return constrain(out)
 
     def checkpointed(static_window: bool):

@@ -15,6 +15,12 @@ gradient as the whole batch at once (up to float32 rounding), whatever the token
 Micro-batch ``m`` holds rows ``m, m + M, m + 2M, ...``, so with the batch's rows split in
 contiguous blocks over the devices every micro-batch stays spread over all of them.
 
+Packed batches (``cpift_jax.data.packing``) carry ``segment_ids`` and ``positions`` besides
+``tokens`` and ``loss_mask`` (both or neither): the forward attends within each document only and
+rotates by the documents' own positions (``models.scan.hidden_states``); the packer masks each
+document's first token, so the loss is the sum over documents of what each gives alone.
+``train_step(..., packed=True)`` is its own compile key (its batch has the two extra arrays).
+
 State layout: with ``scan_layers`` the state (parameters, Adam moments, freeze mask) holds the
 *stacked* layout of ``models.scan`` (``model/layers/<leaf>`` with a leading ``[num_layers]``
 axis), so the compiled step has the same number of leaves, and the same compile time, whatever
@@ -50,12 +56,16 @@ from cpift_jax.models.functional import abstract_params
 from cpift_jax.training import loss as loss_lib
 
 __all__ = ["StepConfig", "TrainState", "StateLayout", "TrainStep", "train_step", "state_layout",
-           "loss_and_grads", "replicated_step", "batch_sharding", "BATCH_ROW_AXES", "clear_cache"]
+           "loss_and_grads", "replicated_step", "batch_sharding", "BATCH_ROW_AXES", "BATCH_KEYS",
+           "PACKED_KEYS", "clear_cache"]
 
 Pytree = Any
 
 # Mesh axes the batch's rows are split over (those the mesh has, in this order).
 BATCH_ROW_AXES = ("data", "fsdp")
+# A batch's arrays, all [rows, seq]; packed batches (data.packing) add PACKED_KEYS.
+BATCH_KEYS = ("tokens", "loss_mask")
+PACKED_KEYS = ("segment_ids", "positions")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -208,14 +218,17 @@ def batch_sharding(mesh: Mesh, rows: int, *, micro_batches: int = 1) -> NamedSha
 
 
 def _nll_sum(model_config: ModelConfig, step_config: StepConfig, prepared: Pytree,
-             tokens: jax.Array, mask: jax.Array, row_sharding: NamedSharding | None):
+             tokens: jax.Array, mask: jax.Array, row_sharding: NamedSharding | None,
+             segment_ids: jax.Array | None = None, positions: jax.Array | None = None):
     params = scan_lib.cast_floating(prepared, step_config.compute_dtype)
     activations = None if row_sharding is None else NamedSharding(
         row_sharding.mesh, PartitionSpec(row_sharding.spec[0], None, None))
+    packed = {} if segment_ids is None else {"segment_ids": segment_ids[:, :-1],
+                                             "positions": positions[:, :-1]}
     hidden = scan_lib.hidden_states(model_config, params, tokens[:, :-1],
                                     scan=step_config.scan_layers, remat=step_config.remat,
                                     compute_dtype=step_config.compute_dtype,
-                                    activation_sharding=activations)
+                                    activation_sharding=activations, **packed)
     kernel = scan_lib.head_kernel(model_config, params)
     return loss_lib.chunked_nll(hidden, kernel, tokens[:, 1:], mask[:, 1:],
                                 step_config.vocab_chunk,
@@ -227,15 +240,17 @@ def loss_and_grads(model_config: ModelConfig, step_config: StepConfig, params: P
     """``(loss, tokens, grads)`` of one batch, traceable (module docstring for the maths).
     ``params`` are in the state layout (stacked with ``scan_layers``, ``models.scan``);
     ``grads`` has their layout and dtypes. ``row_sharding``: the batch's sharding, kept on each
-    micro-batch's rows."""
+    micro-batch's rows. ``batch``: ``tokens`` and ``loss_mask``, and for packed rows
+    ``segment_ids`` and ``positions`` too (``PACKED_KEYS``)."""
     prepared = params
     value_and_grad = jax.value_and_grad(
-        lambda p, t, m: _nll_sum(model_config, step_config, p, t, m, row_sharding),
+        lambda p, *arrays: _nll_sum(model_config, step_config, p, *arrays[:2], row_sharding,
+                                    *arrays[2:]),
         has_aux=True)
-    tokens, mask = batch["tokens"], batch["loss_mask"]
+    arrays = tuple(batch[k] for k in _batch_keys(batch))
     micro = step_config.micro_batches
     if micro == 1:
-        (nll, count), grads = value_and_grad(prepared, tokens, mask)
+        (nll, count), grads = value_and_grad(prepared, *arrays)
     else:
         def split(x):
             rows = x.shape[0]
@@ -253,11 +268,23 @@ def loss_and_grads(model_config: ModelConfig, step_config: StepConfig, params: P
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), prepared)
         init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
-        (nll, count, grads), _ = jax.lax.scan(accumulate, init, (split(tokens), split(mask)))
+        (nll, count, grads), _ = jax.lax.scan(accumulate, init, tuple(map(split, arrays)))
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, prepared)
     denominator = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: (g / denominator).astype(g.dtype), grads)
     return nll / denominator, count, grads
+
+
+def _batch_keys(batch: dict) -> tuple[str, ...]:
+    """``BATCH_KEYS``, plus ``PACKED_KEYS`` when the batch is packed; ValueError on any other
+    key set (half a packed batch would silently attend across documents)."""
+    keys = set(batch)
+    if keys == set(BATCH_KEYS):
+        return BATCH_KEYS
+    if keys == set(BATCH_KEYS + PACKED_KEYS):
+        return BATCH_KEYS + PACKED_KEYS
+    raise ValueError(f"a batch has keys {BATCH_KEYS} and optionally all of {PACKED_KEYS}, "
+                     f"got {sorted(keys)}")
 
 
 def _abstract_mask(params: Pytree, pattern: tuple | None) -> Pytree | None:
@@ -327,11 +354,11 @@ def _build_layout(model_config, optimizer_config, storage_pattern, mesh, stacked
 
 
 def _build(layout: StateLayout, model_config, optimizer_config, mesh, batch_shape,
-           step_config) -> TrainStep:
+           step_config, packed) -> TrainStep:
     replicated = NamedSharding(mesh, PartitionSpec())
     state_sh = layout.shardings
     rows = batch_sharding(mesh, batch_shape[0], micro_batches=step_config.micro_batches)
-    batch_sh = {"tokens": rows, "loss_mask": rows}
+    batch_sh = {k: rows for k in BATCH_KEYS + (PACKED_KEYS if packed else ())}
     # The update's code depends on the optimizer's settings and the freeze pattern only; the
     # mask's arrays and the schedule's numbers are read from the state.
     mask_abstract = _abstract_mask(layout.abstract.params, layout.pattern)
@@ -383,7 +410,7 @@ def state_layout(model_config: ModelConfig, optimizer_config, mesh: Mesh,
 
 def train_step(model_config: ModelConfig, optimizer_config, mesh: Mesh,
                batch_shape: tuple[int, int], step_config: StepConfig | None = None,
-               freeze_pattern: tuple | None = None) -> TrainStep:
+               freeze_pattern: tuple | None = None, *, packed: bool = False) -> TrainStep:
     """The ``TrainStep`` for this key, built on first use and cached (least recently used of
     the last 16 steps and layouts kept).
 
@@ -395,14 +422,17 @@ def train_step(model_config: ModelConfig, optimizer_config, mesh: Mesh,
       step_config: ``StepConfig`` (None: defaults).
       freeze_pattern: ``optim.freeze_pattern(frozen)`` of the mask in the storage layout;
         None: nothing frozen.
+      packed: the batches carry ``segment_ids`` and ``positions`` (``data.packing``); the
+        step's ``batch_shardings`` then has those keys too.
     """
     step_config = StepConfig() if step_config is None else step_config
     batch_shape = tuple(int(n) for n in batch_shape)
+    packed = bool(packed)
     key = ("step", model_config, optim.compile_key(optimizer_config), freeze_pattern, mesh,
-           batch_shape, step_config)
+           batch_shape, step_config, packed)
     layout = state_layout(model_config, optimizer_config, mesh, step_config, freeze_pattern)
     return _cached(key, lambda: _build(layout, model_config, optimizer_config, mesh, batch_shape,
-                                       step_config))
+                                       step_config, packed))
 
 
 def clear_cache() -> None:

@@ -50,17 +50,20 @@ __all__ = ["masked_cross_entropy", "train", "TrainState", "StepConfig"]
 
 Pytree = Any
 
-_BATCH_DTYPES = {"tokens": np.int32, "loss_mask": np.bool_}
+_BATCH_DTYPES = {"tokens": np.int32, "loss_mask": np.bool_,
+                 "segment_ids": np.int32, "positions": np.int32}  # the last two: packed rows
 
 
 def _check_batch(batch) -> None:
-    if not isinstance(batch, dict) or set(batch) != set(_BATCH_DTYPES):
+    keys = set(batch) if isinstance(batch, dict) else None
+    if keys not in (set(step_lib.BATCH_KEYS), set(step_lib.BATCH_KEYS + step_lib.PACKED_KEYS)):
         got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-        raise ValueError(f"a batch must be a dict with keys tokens and loss_mask, got {got}")
+        raise ValueError(f"a batch must be a dict with keys tokens and loss_mask (packed rows: "
+                         f"also segment_ids and positions), got {got}")
     shapes = {k: tuple(np.shape(v)) for k, v in batch.items()}
-    if len(shapes["tokens"]) != 2 or shapes["tokens"] != shapes["loss_mask"]:
+    if len(shapes["tokens"]) != 2 or any(s != shapes["tokens"] for s in shapes.values()):
         raise ValueError(
-            f"batch tokens and loss_mask must share one [rows, seq] shape, got {shapes}")
+            f"batch arrays must share one [rows, seq] shape, got {shapes}")
 
 
 def _place_batch(batch: dict, shardings: dict) -> dict:
@@ -234,7 +237,8 @@ def train(
         first = next(batches)
         _check_batch(first)
         compiled = step_lib.train_step(model_config, optimizer_config, mesh,
-                                       np.shape(first["tokens"]), step_config, pattern)
+                                       np.shape(first["tokens"]), step_config, pattern,
+                                       packed="segment_ids" in first)
         if resumed is None:
             state = _fresh_state(layout, params, frozen_arrays, optimizer_config)
             first_step = 1
@@ -270,6 +274,9 @@ def _loop(compiled: step_lib.TrainStep, state: TrainState, first: dict, batches,
         for step in range(first_step, steps + 1):
             batch = first if step == first_step else next(batches)
             _check_batch(batch)
+            if set(batch) != set(compiled.batch_shardings):
+                raise ValueError(f"step {step}: batch keys {sorted(batch)} differ from the first "
+                                 f"batch's {sorted(compiled.batch_shardings)} (packed or not)")
             state, metrics = compiled.step(state, _place_batch(batch, compiled.batch_shardings))
             window.append(metrics)
             bar.update(1)
