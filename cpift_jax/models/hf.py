@@ -6,6 +6,11 @@ transposed ``[in, out]`` weight), ``.../embedding`` <-> ``...weight``, norms and
 
     config, params = hf.load("path/to/checkpoint")      # config.json + (sharded) safetensors
     hf.save("out/dir", config, params)                   # AutoModelForCausalLM can load it
+
+``load(path, shardings=s)`` (``s``: a pytree of ``jax.sharding.Sharding`` shaped like the params,
+e.g. ``sharding.shardings(models.abstract_params(load_config(path)), mesh, mesh_config)``) builds
+every leaf as a global ``jax.Array`` on its sharding, each process reading only the blocks its
+devices hold (``hf_sharded``); without it every tensor is read whole onto the default device.
 """
 
 from __future__ import annotations
@@ -100,12 +105,52 @@ def load_config(path: str | os.PathLike, *, param_dtype: str | None = None) -> M
         return ModelConfig.from_hf(json.load(f), param_dtype=param_dtype)
 
 
-def load(path: str | os.PathLike, *, param_dtype: str | None = None) -> tuple[ModelConfig, dict]:
+def check_tensors(config: ModelConfig, shapes: Mapping[str, tuple[int, ...]], *, source: str,
+                  files: Mapping[str, str] | None = None) -> bool:
+    """Checks HF tensor names and shapes against ``config`` without reading any data.
+
+    ``shapes``: every available tensor's shape (from the safetensors headers); ``files``, if
+    given, names each tensor's file in the errors. Raises ``ValueError`` as
+    ``params_from_tensors`` does. Returns whether a tied checkpoint also carries
+    ``lm_head.weight``, whose values must then be compared with the embedding.
+    """
+    used = set()
+    for _, name, _, shape in _expected(config):
+        used.add(name)
+        if name not in shapes:
+            raise ValueError(f"{source}: missing tensor '{name}' (expected shape {shape})")
+        if tuple(shapes[name]) != shape:
+            where = f" in '{files[name]}'" if files else ""
+            raise ValueError(f"{source}: tensor '{name}'{where} has shape "
+                             f"{tuple(shapes[name])}, expected {shape}")
+    check_lm_head = False
+    for name in sorted(set(shapes) - used):
+        if _DERIVED_TENSORS.fullmatch(name):
+            continue
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            embed_shape = (config.vocab_size, config.hidden_size)
+            if tuple(shapes[name]) != embed_shape:
+                raise ValueError(f"{source}: tensor '{name}' has shape {tuple(shapes[name])}, "
+                                 f"expected {embed_shape} (tied to the embedding)")
+            check_lm_head = True
+            continue
+        raise ValueError(f"{source}: unexpected tensor '{name}' for a {config.model_type} model "
+                         "with this config")
+    return check_lm_head
+
+
+def load(path: str | os.PathLike, *, param_dtype: str | None = None,
+         shardings=None) -> tuple[ModelConfig, dict]:
     """HF checkpoint directory -> ``(ModelConfig, params)``.
 
     Reads ``config.json`` and either ``model.safetensors`` or the shards listed in
     ``model.safetensors.index.json``, tensor by tensor. ``param_dtype`` overrides the dtype
     (default: the checkpoint's, see ``ModelConfig.from_hf``). Pickled ``.bin`` weights are refused.
+
+    ``shardings``: a pytree of ``jax.sharding.Sharding`` with the params' structure. Each leaf
+    is then a global ``jax.Array`` on its sharding, and each process reads from the files only
+    the blocks of its addressable devices (``hf_sharded``; names and shapes are checked from the
+    headers first). ``None``: every tensor is read whole (one host, default device).
     """
     path = os.fspath(path)
     config = load_config(path, param_dtype=param_dtype)
@@ -114,19 +159,25 @@ def load(path: str | os.PathLike, *, param_dtype: str | None = None) -> tuple[Mo
     try:
         for file in set(files.values()):
             handles[file] = safe_open(os.path.join(path, file), framework="numpy")
-
-        def get_tensor(name):
-            return handles[files[name]].get_tensor(name)
-
         names = set()
         for file, handle in handles.items():
             names |= set(handle.keys())
-        listed = set(files)
-        absent = sorted(listed - names)
+        absent = sorted(set(files) - names)
         if absent:
             raise ValueError(f"{path}: tensor '{absent[0]}' is listed in {INDEX_FILE} but missing "
                              f"from '{files[absent[0]]}'")
-        params = params_from_tensors(config, get_tensor, listed, source=path)
+        if shardings is not None:
+            from cpift_jax.models import hf_sharded  # imports this module for the name mapping
+
+            reader = hf_sharded.SliceReader(files, handles)
+            check_lm_head = check_tensors(
+                config, {name: reader.shape(name) for name in files}, source=path, files=files)
+            params = hf_sharded.params_from_slices(config, reader, shardings,
+                                                   check_lm_head=check_lm_head, source=path)
+        else:
+            params = params_from_tensors(
+                config, lambda name: handles[files[name]].get_tensor(name), set(files),
+                source=path)
     finally:
         handles.clear()
     return config, params
