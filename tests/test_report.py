@@ -198,7 +198,7 @@ def test_verdict_sign_both_ways():
     assert "are level" in report.verdict(_with_avg((0.851, 0.03), (0.85, 0.02)))
     assert report.verdict(_with_avg((float("nan"), 0.0), (0.85, 0.02))) == (
         "no verdict: the normalised average of 'cpift' is undefined (NaN: on some seed no task's "
-        "expert beat chance by 0.05; see Set-up)")
+        "expert beat its floor (chance or the base model) by 0.05; see Set-up)")
     # The verdict is also the report's first section.
     assert report.verdict(_results()) in _section(report.render_markdown(_results()), "Verdict")
 

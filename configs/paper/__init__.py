@@ -1,5 +1,10 @@
 """The paper's setting (arXiv 2508.21741) on a 7B base model: shared by ``configs/paper/*.py``.
 
+One file per base model of the paper: ``llama2_7b.py`` (meta-llama/Llama-2-7b-hf),
+``mistral_7b.py`` (mistralai/Mistral-7B-v0.1), ``qwen15_7b.py`` (Qwen/Qwen1.5-7B) and
+``gemma2_9b.py`` (google/gemma-2-9b; the paper's "Gemma" without size or version). All share the
+variants below; none needs per-model overrides (docs/paper_configs.md has the plans).
+
 Each model file gives its Hugging Face architecture (``ModelConfig`` fields written out from the
 public ``config.json``) and calls ``paper_config(architecture, hf_name, arg)``. The result keeps
 ``configs/toy.py``'s keys (seeds, methods, mesh, data, model, train, cpift, multistage,
@@ -8,8 +13,10 @@ forgetting, ablations, merge_only) so the pipeline reads it the same way, with:
 - ``model.backend = "hf"``, ``model.hf_path``: a local HF checkpoint directory (config.json and
   safetensors; fetched by the user), ``model.architecture``: the ``ModelConfig`` fields
   (``model_config(c)`` builds it; ``experiments/plan.py`` needs nothing else);
-- ``data.tasks``: the five SFT tasks with a reader of ``cpift_jax.data.readers`` and a path
-  placeholder each (``$CPIFT_DATA/<task>.jsonl``), and the balanced per-task sample size;
+- ``data.tasks``: the five SFT tasks (``real_tasks.task_config``: a reader of
+  ``cpift_jax.data.readers``, a path placeholder ``$CPIFT_DATA/<task>.jsonl``, the metric; the
+  code task is tested on HumanEval, CodeAlpaca having no tests), the balanced per-task sample
+  size, packed rows; ``eval``: ``real_tasks.eval_config()`` (code execution off);
 - ``train``: full fine-tuning with AdamW (``optim.default_config()``: peak lr 2e-5, 3% warm-up,
   cosine to 0, no weight decay, clip 1.0), bfloat16 compute on float32 master weights, scanned
   and rematerialised layers, vocabulary-chunked loss;
@@ -26,7 +33,8 @@ optimizer and schedule (the Alpaca SFT recipe: AdamW, lr 2e-5, cosine, 3% warm-u
 sequences); epochs or steps per stage (1000 steps per probe, 500 per task in pipeline SFT);
 sequence length (2048 tokens, packed); per-task sample size (2000 examples per task); the
 datasets' splits (a hash of each record's id, ``readers.is_test``); everything listed under
-``cpift`` (overlap rule, SLERP fold and granularity, backbone, replay).
+``cpift`` (overlap rule, SLERP fold and granularity, backbone, replay); which Gemma (Gemma-2-9B
+base, the same recipe, soft-caps kept in training).
 """
 
 from __future__ import annotations
@@ -36,15 +44,17 @@ import dataclasses
 import ml_collections
 
 from cpift_jax import optim, sharding
+from cpift_jax.benchmark import real_tasks
 from cpift_jax.models.config import ModelConfig
 
 # The paper's five SFT tasks: (name, reader of cpift_jax.data.readers, what the paper used).
 PAPER_TASKS = (
-    ("math", "gsm8k", "GSM8K"),
-    ("code", "alpaca", "CodeAlpaca-20k"),
-    ("logic", "multiple_choice", "LogiQA"),
-    ("instruction", "alpaca", "Alpaca"),
-    ("chat", "ultrachat", "UltraChat"),
+    # (name, reader of cpift_jax.data.readers, what the paper used, metric, held-out source)
+    ("math", "gsm8k", "GSM8K", "math", ""),
+    ("code", "alpaca", "CodeAlpaca-20k", "code", "humaneval"),  # CodeAlpaca has no tests
+    ("logic", "multiple_choice", "LogiQA", "multiple_choice", ""),
+    ("instruction", "alpaca", "Alpaca", "heldout", ""),
+    ("chat", "ultrachat", "UltraChat", "heldout", ""),
 )
 
 # name -> (device kind, devices, mesh.shape over (data, fsdp, tensor), global batch rows,
@@ -92,12 +102,14 @@ def paper_config(architecture: ModelConfig, hf_name: str, arg: str | None,
     c.data.n_train = 2000  # balanced sample per task (the paper: "a small balanced sample")
     c.data.n_test = 200
     c.data.test_fraction = 0.1  # readers.is_test: by a hash of each record's id
-    c.data.eval_batch_size = 32
+    c.data.pack = True  # several conversations per row, attention and loss kept per document
     c.data.tasks = ml_collections.ConfigDict()
-    for name, reader, original in PAPER_TASKS:
-        c.data.tasks[name] = ml_collections.ConfigDict(dict(
-            path=f"$CPIFT_DATA/{name}.jsonl",  # placeholder: the user's local copy of `original`
-            reader=reader, layout="plain", dataset=original))
+    for name, reader, original, metric, test_source in PAPER_TASKS:
+        # $CPIFT_DATA/<task>.jsonl: the user's local copy of `original` (never fetched here).
+        c.data.tasks[name] = real_tasks.task_config(
+            f"$CPIFT_DATA/{name}.jsonl", metric, reader=reader, layout="plain",
+            test_source=test_source, original=original)
+    c.eval = real_tasks.eval_config()
 
     c.model = ml_collections.ConfigDict()
     c.model.backend = "hf"  # cpift_jax.models.hf.load(model.hf_path)

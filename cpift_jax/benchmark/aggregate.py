@@ -26,6 +26,7 @@ import numpy as np
 from cpift_jax.training.checkpoints import read_json, write_json
 
 __all__ = ["FORMAT", "BLOCKS", "MAIN_ORDER", "OK", "NOT_APPLICABLE", "NORMALIZATION",
+           "BASE_NORMALIZATION",
            "MIN_EXPERT_GAP", "Stat", "SeedScores", "MethodRow", "ForgettingRow", "Forgetting",
            "Overlap", "CoreDensity", "Timings", "Results", "normalized_average", "stat",
            "collect", "timings"]
@@ -44,6 +45,12 @@ NORMALIZATION = (
     "expert_t the same seed's single-task expert and chance_t the best constant answer's score; "
     f"tasks whose expert is less than {MIN_EXPERT_GAP} above chance are left out (all left out: "
     "NaN); 1 = expert level, 0 = chance; mean and population std over seeds.")
+BASE_NORMALIZATION = (
+    "avg_normalized = mean over tasks t of (score_t - base_t) / (expert_t - base_t), with "
+    "expert_t the same seed's single-task expert and base_t the base model's score (the floor "
+    "of real tasks, where chance is not one number); tasks whose expert gains less than "
+    f"{MIN_EXPERT_GAP} over the base model are left out (all left out: NaN); 1 = expert level, "
+    "0 = base model; mean and population std over seeds.")
 
 
 # ------------------------------------------------------------------------------ the dataclasses
@@ -128,6 +135,7 @@ class Results:
     groups: tuple[tuple[tuple[str, ...], ...], ...] | None = None  # per seed, in stage order
     core_density: dict[str, CoreDensity] | None = None  # seed 0, per task
     timings: Timings | None = None
+    metrics: dict[str, str] | None = None  # task -> what its score measures (None: exact match)
 
     def methods_in(self, block: str) -> list[str]:
         """Keys of the methods in ``block``, in report order."""
@@ -154,6 +162,8 @@ class Results:
             out["core_density"] = {t: dataclasses.asdict(d) for t, d in self.core_density.items()}
         if self.timings is not None:
             out["timings"] = dataclasses.asdict(self.timings)
+        if self.metrics is not None:
+            out["metrics"] = dict(self.metrics)
         return out
 
     @classmethod
@@ -279,6 +289,12 @@ class _Parser:
             normalization=self.text(data, "normalization", w),
             methods={k: self.method(m, f"{w}['methods'][{k!r}]", tasks)
                      for k, m in methods.items()})
+        if "metrics" in data:
+            metrics = self.mapping(data, "metrics", w)
+            for t, label in metrics.items():
+                if not isinstance(label, str):
+                    self.fail(f"{w}['metrics'][{t!r}]", f"must be text, got {label!r:.80}")
+            out["metrics"] = dict(metrics)
         if "forgetting" in data:
             f, fw = self.mapping(data, "forgetting", w), f"{w}['forgetting']"
             pair = self.get(f, "pair", fw, list, "[A task, B task]")
@@ -342,7 +358,8 @@ def _method(label, block, budget, per_seed_scores: dict, experts: dict, chance,
 
 
 def collect(config, wd, tasks, chance, *, labels, budgets, ablations,
-            forgetting_labels) -> Results:
+            forgetting_labels, normalization: str = NORMALIZATION,
+            metrics: dict[str, str] | None = None) -> Results:
     """The ``Results`` (no timings) from the completed stages of ``wd`` (a Workdir).
 
     A merge-only stage whose result is ``{"status": "not_applicable", "reason": ...}`` on any
@@ -385,7 +402,7 @@ def collect(config, wd, tasks, chance, *, labels, budgets, ablations,
     # The config as JSON holds it (tuples as lists), so a saved and reloaded Results is equal.
     out = dict(config=json.loads(json.dumps(config.to_dict())), core_fraction=float(config.cpift.p), seeds=seeds,
                tasks=tasks, chance={t: float(chance[t]) for t in tasks},
-               normalization=NORMALIZATION, methods=rows)
+               normalization=normalization, methods=rows, metrics=metrics)
     if config.forgetting.enabled:
         per = {s: result(s, "forgetting") for s in seeds}
         out["forgetting"] = Forgetting(tuple(config.forgetting.pair), {

@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 
 from cpift_jax import clustering, fusion, merges
+from cpift_jax.benchmark import real_tasks
+from cpift_jax.benchmark import tasks as tasks_lib
 from cpift_jax.data import suite as suite_lib
 
 __all__ = ["MAIN_METHODS", "LABELS", "BACKBONES", "check_config", "budgets",
@@ -28,6 +30,7 @@ LABELS = {
     "cpift": "CPI-FT",
 }
 BACKBONES = ("base", "multitask_sft")
+MODEL_BACKENDS = ("toy", "smollm2", "hf")
 
 
 # ------------------------------------------------------------------------------ config checks
@@ -39,9 +42,20 @@ def _fail(key: str, problem: str):
 
 def check_config(config) -> None:
     """ValueError naming the first bad config key (see ``configs/toy.py`` for the fields)."""
-    suite_lib.check_config(config.suite)
-    if config.model.backend not in ("toy", "smollm2"):
-        _fail("model.backend", f"must be 'toy' or 'smollm2', got {config.model.backend!r}")
+    if tasks_lib.is_real(config):
+        real_tasks.check_config(config)
+    else:
+        suite_lib.check_config(config.suite)
+    names = tasks_lib.names(config)
+    if config.model.backend not in MODEL_BACKENDS:
+        _fail("model.backend", f"must be one of {MODEL_BACKENDS}, got {config.model.backend!r}")
+    if config.model.backend == "toy" and tasks_lib.is_real(config):
+        _fail("model.backend", "is 'toy' (a character-level model of the synthetic suite) but "
+              "data.tasks names real datasets; use 'smollm2' or 'hf'")
+    if config.model.backend == "hf" and not os.path.isdir(
+            os.path.expanduser(config.model.get("hf_path", ""))):
+        _fail("model.hf_path", f"must be a local Hugging Face checkpoint directory, got "
+              f"{config.model.get('hf_path', '')!r}")
     if len(config.seeds) < 1:
         _fail("seeds", "is empty; give at least one seed")
     unknown = sorted(set(config.methods) - set(MAIN_METHODS))
@@ -56,14 +70,14 @@ def check_config(config) -> None:
     if config.train.steps_per_task < 1:
         _fail("train.steps_per_task", f"must be >= 1, got {config.train.steps_per_task}")
     _check_cpift(config.cpift, "cpift")
-    if not 1 <= config.multistage.k <= len(config.suite.tasks):
-        _fail("multistage.k", f"must be in [1, {len(config.suite.tasks)}], got {config.multistage.k}")
+    if not 1 <= config.multistage.k <= len(names):
+        _fail("multistage.k", f"must be in [1, {len(names)}], got {config.multistage.k}")
     if not 0.0 <= config.multistage.replay < 1.0:
         _fail("multistage.replay", f"must be in [0, 1), got {config.multistage.replay}")
     if config.forgetting.enabled:
         pair = tuple(config.forgetting.pair)
-        if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(config.suite.tasks):
-            _fail("forgetting.pair", f"must be two different tasks of suite.tasks, got {pair}")
+        if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(names):
+            _fail("forgetting.pair", f"must be two different tasks of {names}, got {pair}")
         if config.forgetting.steps < 1:
             _fail("forgetting.steps", f"must be >= 1, got {config.forgetting.steps}")
     if config.merge_only.enabled:
@@ -107,7 +121,7 @@ def _check_cpift(c, key: str, p: float | None = None) -> None:
 
 def budgets(config) -> dict[str, str]:
     """Human-readable training budget of every method (``cpift_jax.benchmark.methods`` docstring)."""
-    n, s, b = len(config.suite.tasks), config.train.steps_per_task, config.train.batch_size
+    n, s, b = len(tasks_lib.names(config)), config.train.steps_per_task, config.train.batch_size
     c = config.cpift.steps_per_task
     return {
         "single_task": f"{n} x {s} steps x {b} seqs (one expert per task)",

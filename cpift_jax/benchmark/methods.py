@@ -2,7 +2,7 @@
 
 Everything here is one seed of one method: ``pipeline.py`` chains these through artifacts in a
 workdir, repeats them over seeds and aggregates. A ``Context`` holds what every method shares
-(model, tokenizer, base parameters, encoded train data, held-out examples, optimiser settings).
+(model, tokenizer, base parameters, encoded train data, the evaluator, optimiser settings).
 
 Budgets are counted in optimizer steps of ``batch_size`` sequences; ``S = steps_per_task``:
 
@@ -40,11 +40,10 @@ from cpift_jax import clustering, distributed, fusion, masks, merges
 from cpift_jax import tree as tree_lib
 from cpift_jax.data import batching
 from cpift_jax.data import loader as loader_lib
-from cpift_jax.training import evaluate as evaluate_lib
 from cpift_jax.training import step as step_lib
 from cpift_jax.training import train as train_lib
 
-__all__ = ["Context", "evaluate", "train_on", "stage_weights", "multistage", "heuristic_groups",
+__all__ = ["Context", "evaluate", "evaluate_examples", "scored", "train_on", "stage_weights", "multistage", "heuristic_groups",
            "core_masks", "core_density", "cluster", "fuse", "pipeline_sft", "cpift_chain",
            "merge_only", "KIND_RULES", "OUTSIDE_LAYER_RULES", "layer_group"]
 
@@ -83,7 +82,7 @@ class Context:
     base: Pytree
     tasks: tuple[str, ...]
     train_arrays: Mapping[str, dict]  # task -> {"tokens", "loss_mask"} (batching.encode_examples)
-    test_examples: Mapping[str, Sequence]  # task -> held-out Examples
+    evaluator: Any  # (params, tasks) -> {task: TaskScore} (``tasks.TaskSet.evaluate``)
     mixture: Mapping[str, float]  # suite.mixture_weights
     optimizer: Any  # optim.default_config()-like; total_steps is set per call
     batch_size: int
@@ -92,7 +91,6 @@ class Context:
     mesh: Any  # the jax.sharding.Mesh every model lives on (config.mesh)
     step_config: Any = None  # training.step.StepConfig (None: the plain step)
     checkpoint_every: int = 0  # mid-stage train-state checkpoints every that many steps (0: off)
-    eval_batch_size: int = 64
     progress: bool = False
     stage_dir: Any = None  # the running stage's directory: loss curves, mid-stage checkpoints
 
@@ -101,12 +99,23 @@ class Context:
         return next(iter(self.train_arrays.values()))["tokens"].shape[1]
 
 
+def evaluate_examples(ctx: Context, params: Pytree, tasks: Sequence[str] | None = None) -> dict:
+    """``{task: TaskScore}`` on the held-out examples: the task's metric (higher is better) and
+    its per-example values (``cpift_jax.benchmark.tasks``)."""
+    return ctx.evaluator(params, list(ctx.tasks if tasks is None else tasks))
+
+
+def scored(ctx: Context, params: Pytree, tasks: Sequence[str] | None = None) -> dict:
+    """A stage result's scores: ``{"per_task": {task: score}, "per_example": {task: [...]}}``
+    (the per-example values feed the paired statistics, ``cpift_jax.benchmark.statistics``)."""
+    detailed = evaluate_examples(ctx, params, tasks)
+    return {"per_task": {t: s.score for t, s in detailed.items()},
+            "per_example": {t: list(s.per_example) for t, s in detailed.items()}}
+
+
 def evaluate(ctx: Context, params: Pytree, tasks: Sequence[str] | None = None) -> dict[str, float]:
-    """``{task: exact match}`` on the held-out examples (greedy decoding)."""
-    tasks = list(ctx.tasks if tasks is None else tasks)
-    return evaluate_lib.evaluate(ctx.model_config, params, ctx.tokenizer,
-                                 {t: ctx.test_examples[t] for t in tasks},
-                                 batch_size=ctx.eval_batch_size)
+    """``{task: score}`` on the held-out examples (``evaluate_examples`` without the examples)."""
+    return {t: s.score for t, s in evaluate_examples(ctx, params, tasks).items()}
 
 
 def stage_weights(ctx: Context, current: Sequence[str], earlier: Sequence[str],

@@ -29,9 +29,11 @@ JSON, reports and plots (``cpift_jax.benchmark.workdir``, ``docs/multihost.md``)
 ``config.train.checkpoint_every`` every training run checkpoints its state and resumes after an
 interruption.
 
-Config checks, labels and budgets: ``cpift_jax.benchmark.config_checks``. Normalisation:
-``cpift_jax.benchmark.aggregate.NORMALIZATION`` (per task (score - chance) / (expert -
-chance), averaged over the tasks whose expert beats chance by at least 0.05).
+Tasks: the synthetic suite or real datasets (``cpift_jax.benchmark.tasks``). Config checks,
+labels and budgets: ``cpift_jax.benchmark.config_checks``. Normalisation:
+``cpift_jax.benchmark.aggregate.NORMALIZATION`` (per task (score - floor) / (expert - floor),
+averaged over the tasks whose expert beats the floor by at least 0.05; the floor is chance on
+the synthetic suite and the base model's score on real tasks).
 """
 
 from __future__ import annotations
@@ -50,8 +52,7 @@ from cpift_jax.training import checkpoints
 from cpift_jax.benchmark import methods
 from cpift_jax.benchmark import forgetting as forgetting_lib
 from cpift_jax import tree as tree_lib
-from cpift_jax.data import batching
-from cpift_jax.data import suite as suite_lib
+from cpift_jax.benchmark import tasks as tasks_lib
 from cpift_jax.benchmark.config_checks import (LABELS, MAIN_METHODS,  # noqa: F401
                                        ablation_variants, budgets, check_config)
 from cpift_jax.benchmark.workdir import Workdir
@@ -73,21 +74,53 @@ def _toy_model(config):
         max_position_embeddings=max(config.data.seq_len, config.base.pretrain.seq_len)), tokenizer
 
 
-def _build_base(config):
-    """(model_config, tokenizer, base params) for ``config.model.backend``."""
-    from cpift_jax.data.tokenizer import HFTokenizer
+def _hf_tokenizer(path: str):
+    from transformers import AutoTokenizer
 
+    from cpift_jax.data.tokenizer import HFTokenizer
+    return HFTokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True))
+
+
+def _model_and_tokenizer(config):
+    """(model_config, tokenizer) of ``config.model.backend``, without the weights."""
+    m = config.model
+    if m.backend == "toy":
+        return _toy_model(config)
+    if m.backend == "hf":
+        from cpift_jax.models import hf
+        path = os.path.expanduser(m.hf_path)
+        return hf.load_config(path), _hf_tokenizer(path)
+    from cpift_jax.data.tokenizer import HFTokenizer
+    from cpift_jax.models import smollm2
+
+    model_config, hf_tok = smollm2.load_config_and_tokenizer()
+    return model_config, HFTokenizer(hf_tok)
+
+
+def _build_base(config, like):
+    """(model_config, tokenizer, base params on the mesh) for ``config.model.backend``;
+    ``like(model_config)`` gives the parameters' restore targets (shapes and shardings)."""
     m = config.model
     if m.backend == "toy":
         from cpift_jax.training import pretrain
         model_config, tokenizer = _toy_model(config)
         params = pretrain.cached_base(model_config, tokenizer, config.suite, config.base.pretrain,
                                       progress=config.progress)
+    elif m.backend == "hf":  # each process reads only the slices its devices hold
+        from cpift_jax.models import hf
+        model_config, tokenizer = _model_and_tokenizer(config)
+        targets = like(model_config)
+        _, params = hf.load(os.path.expanduser(m.hf_path),
+                            shardings=jax.tree.map(lambda x: x.sharding, targets))
         return model_config, tokenizer, params
-    from cpift_jax.models import smollm2  # the other backend check_config allows
-
-    model_config, params, hf_tok = smollm2.load()
-    return model_config, HFTokenizer(hf_tok), params
+    else:
+        from cpift_jax.data.tokenizer import HFTokenizer
+        from cpift_jax.models import smollm2
+        model_config, params, hf_tok = smollm2.load()
+        tokenizer = HFTokenizer(hf_tok)
+    targets = like(model_config)
+    return model_config, tokenizer, sharding.shard(params, jax.tree.map(lambda x: x.sharding,
+                                                                        targets))
 
 
 class _Run:
@@ -96,7 +129,7 @@ class _Run:
     def __init__(self, config, workdir):
         self.config = config
         self.wd = Workdir(workdir, config.to_dict(), ignore_keys=("progress", "compile_cache"))
-        self.tasks = tuple(config.suite.tasks)
+        self.tasks = tasks_lib.names(config)
         self.mesh = sharding.make_mesh(config.mesh)
         self.step_config = step_lib.StepConfig.from_config(config.train.step)
         # Fails now, not after the base model is built, if the rows do not divide over the mesh.
@@ -137,9 +170,7 @@ class _Run:
             holder = {}
 
             def stage(d):
-                mc, tok, params = _build_base(self.config)
-                params = sharding.shard(params, jax.tree.map(lambda x: x.sharding,
-                                                             self.like(mc)))
+                mc, tok, params = _build_base(self.config, self.like)
                 self.keep("base", "params", params, d)
                 holder["built"] = (mc, tok)
                 return {"num_params": tree_lib.num_params(params)}
@@ -148,7 +179,7 @@ class _Run:
             if "built" in holder:
                 mc, tok = holder["built"]
             else:  # tokenizer and config are cheap to rebuild; the weights come from the workdir
-                mc, tok = self._model_and_tokenizer()
+                mc, tok = _model_and_tokenizer(self.config)
             try:
                 params = self.load_params("base", "params", mc)
             except ValueError as err:
@@ -157,30 +188,18 @@ class _Run:
             self._base = (mc, tok, params)
         return self._base
 
-    def _model_and_tokenizer(self):
-        if self.config.model.backend == "toy":
-            return _toy_model(self.config)
-        from cpift_jax.data.tokenizer import HFTokenizer
-        from cpift_jax.models import smollm2  # the other backend check_config allows
-
-        model_config, hf_tok = smollm2.load_config_and_tokenizer()
-        return model_config, HFTokenizer(hf_tok)
-
     def ctx(self, seed: int, stage_dir: Path | None = None) -> methods.Context:
         if seed not in self._ctx:
             mc, tok, base = self.base()
             c = self.config
-            data = suite_lib.make_suite(c.suite, seed, c.data.n_train, c.data.n_test)
-            arrays = {t: batching.encode_examples(tok, data[t]["train"], c.data.seq_len)
-                      for t in self.tasks}
+            task_set = tasks_lib.build(c, mc, tok, seed)
             self._ctx[seed] = methods.Context(
-                model_config=mc, tokenizer=tok, base=base, tasks=self.tasks, train_arrays=arrays,
-                test_examples={t: data[t]["test"] for t in self.tasks},
-                mixture=suite_lib.mixture_weights(c.suite), optimizer=c.train.optimizer,
+                model_config=mc, tokenizer=tok, base=base, tasks=self.tasks,
+                train_arrays=task_set.train_arrays, evaluator=task_set.evaluate,
+                mixture=task_set.mixture, optimizer=c.train.optimizer,
                 batch_size=c.train.batch_size, steps_per_task=c.train.steps_per_task, seed=seed,
                 mesh=self.mesh, step_config=self.step_config,
-                checkpoint_every=c.train.checkpoint_every,
-                eval_batch_size=c.data.eval_batch_size, progress=c.progress)
+                checkpoint_every=c.train.checkpoint_every, progress=c.progress)
         return dataclasses.replace(self._ctx[seed], stage_dir=stage_dir)
 
     # -- artifacts
@@ -213,13 +232,16 @@ class _Run:
 
         def experts(d):
             ctx = self.ctx(seed, d)
-            scores = {}
+            scores, examples = {}, {}
             for i, t in enumerate(self.tasks):
                 params = methods.train_on(ctx, ctx.base, {t: 1.0}, ctx.steps_per_task,
                                           stream=i, name=f"expert_{t}")
                 self.keep(p + "experts", t, params, d)
-                scores[t] = methods.evaluate(ctx, params)
-            return {"scores": scores, "base": methods.evaluate(ctx, ctx.base)}
+                result = methods.scored(ctx, params)
+                scores[t], examples[t] = result["per_task"], result["per_example"]
+            base = methods.scored(ctx, ctx.base)
+            return {"scores": scores, "per_example": examples, "base": base["per_task"],
+                    "base_per_example": base["per_example"]}
 
         expert_result = wd.run(p + "experts", experts)
 
@@ -230,7 +252,7 @@ class _Run:
                                           name="multitask")
                 if save:
                     self.keep(p + "multitask_sft", "params", params, d)
-                return {"per_task": methods.evaluate(ctx, params)}
+                return methods.scored(ctx, params)
             return stage
 
         needs_mt = "multitask_sft" in want or c.cpift.backbone == "multitask_sft"
@@ -246,7 +268,7 @@ class _Run:
                 params, _ = methods.multistage(ctx, ctx.base, groups,
                                                steps_per_task=ctx.steps_per_task,
                                                replay=c.multistage.replay, name="stage")
-                return {"per_task": methods.evaluate(ctx, params), "groups": groups}
+                return {**methods.scored(ctx, params), "groups": groups}
             return stage
 
         def random_groups():
@@ -342,7 +364,7 @@ class _Run:
             fused, report = methods.fuse(self.backbone(seed), self.experts(seed), self.cores(seed),
                                          c.cpift)
             self.keep(p + "fusion", "params", fused, d)
-            return {"per_task": methods.evaluate(ctx, fused), "report": report}
+            return {**methods.scored(ctx, fused), "report": report}
 
         wd.run(p + "fusion", fuse)
 
@@ -351,7 +373,7 @@ class _Run:
             fused = self.load_params(p + "fusion", "params")
             by_task = dict(zip(self.tasks, self.cores(seed)))
             final, _ = methods.pipeline_sft(ctx, fused, groups, by_task, c.cpift)
-            return {"per_task": methods.evaluate(ctx, final), "groups": groups}
+            return {**methods.scored(ctx, final), "groups": groups}
 
         wd.run(p + "cpift", pipeline_sft)
 
@@ -366,6 +388,16 @@ def _enable_compile_cache(enabled: bool) -> None:
         jax.config.update("jax_compilation_cache_dir", str(cache_lib.cache_dir("xla")))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def _floors(config, r: _Run) -> dict[str, float]:
+    """Normalisation floors (``cpift_jax.benchmark.tasks``): chance levels of the synthetic
+    suite, or the base model's scores on the real tasks (the same on every seed: one base model,
+    one held-out set)."""
+    if not tasks_lib.is_real(config):
+        return tasks_lib.synthetic_floors(config)
+    first = int(config.seeds[0])
+    return dict(r.wd.result(f"seed{first}/experts")["base"])
 
 
 def run(config, workdir) -> aggregate.Results:
@@ -383,8 +415,10 @@ def run(config, workdir) -> aggregate.Results:
     ablations = ablation_variants(config)
 
     def results_stage(d):
-        chance = {t: suite_lib.chance_level(t, config.suite) for t in r.tasks}
-        aggregate.collect(config, r.wd, r.tasks, chance, labels=LABELS, budgets=budgets(config),
+        normalization = (aggregate.BASE_NORMALIZATION if tasks_lib.is_real(config)
+                         else aggregate.NORMALIZATION)
+        aggregate.collect(config, r.wd, r.tasks, _floors(config, r), normalization=normalization,
+                          metrics=tasks_lib.metric_labels(config), labels=LABELS, budgets=budgets(config),
                           ablations=ablations, forgetting_labels=forgetting_lib.LABELS,
                           ).save(d / "results.json")
         return {"file": str(d / "results.json")}

@@ -108,7 +108,10 @@ def _methods_table(results: Results, block: str) -> str:
             cells[k].append(f"**{cell}**" if k in bold else cell)
     rows = [[methods[k].label] + cells[k] + [methods[k].budget] for k in keys]
     header = ["Method"] + [name for name, *_ in columns] + ["Budget"]
-    note = (f"Task scores: exact match in %, mean ± std over {len(results.seeds)} seeds; Avg. "
+    metrics = results.metrics or {}
+    measured = ("exact match" if not metrics else
+                "; ".join(f"{t}: {metrics[t]}" for t in results.tasks if t in metrics))
+    note = (f"Task scores in % ({measured}), mean ± std over {len(results.seeds)} seeds; Avg. "
             "norm.: see Set-up. Bold: best per column" +
             (f" ({methods[REFERENCE_METHOD].label} excluded: it is the reference)."
              if REFERENCE_METHOD in keys else "."))
@@ -126,7 +129,8 @@ def verdict(results: Results) -> str:
                  if _rounded_mean(s, 1, 9) is None]
     if undefined:
         return (f"no verdict: the normalised average of {' and '.join(map(repr, undefined))} is "
-                f"undefined (NaN: on some seed no task's expert beat chance by {MIN_EXPERT_GAP}; "
+                f"undefined (NaN: on some seed no task's expert beat its floor (chance or the base "
+                f"model) by {MIN_EXPERT_GAP}; "
                 "see Set-up)")
     c_name, m_name = c.label, m.label
     diff = cs.mean - ms.mean
@@ -226,7 +230,8 @@ def _setup(results: Results) -> str:
     lines.append(f"- Seeds: {', '.join(map(str, seeds))} ({len(seeds)})" if seeds
                  else f"- Seeds: {NOT_RUN}")
     chance = results.chance
-    lines.append("- Chance level (best constant answer): "
+    lines.append("- Normalisation floor per task (chance level, or the base model's score on "
+                 "real tasks): "
                  + (", ".join(f"{t} {_pct(v)}" for t, v in chance.items()) if chance else NOT_RUN))
     timings = results.timings
     if timings is not None:
@@ -254,7 +259,7 @@ def render_markdown(results: Results, plots: dict[str, str] | None = None) -> st
         return f"\n\n![{_PLOT_TITLES.get(name, name)}]({plots[name]})" if name in plots else ""
 
     tasks = results.tasks
-    out = ["# CPI-FT toy benchmark: results", "",
+    out = ["# CPI-FT benchmark: results", "",
            f"Tasks: {', '.join(tasks) if tasks else NOT_RUN}. "
            f"Seeds: {', '.join(map(str, results.seeds)) or NOT_RUN}.", "",
            "## Verdict", "", verdict(results)]
