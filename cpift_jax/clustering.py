@@ -25,7 +25,8 @@ __all__ = ["cluster_tasks", "order_stages", "random_groups", "STAGE_ORDERS"]
 # may differ from its transpose in the last bits, but not more.
 _SYMMETRY_ATOL = 1e-9
 
-STAGE_ORDERS = ("random", "given", "largest_first", "overlap_desc")
+STAGE_ORDERS = ("random", "given", "largest_first", "overlap_desc", "backward_transfer",
+                "structured_first")
 
 
 def _check_overlap(overlap) -> np.ndarray:
@@ -157,6 +158,8 @@ def order_stages(
     *,
     overlap=None,
     sizes=None,
+    transfer=None,
+    gains=None,
 ) -> list[list[int]]:
     """Orders the groups into pipeline stages (the groups themselves are left unchanged).
 
@@ -175,9 +178,20 @@ def order_stages(
       ``overlap``). Rationale: a later stage trains with earlier groups' cores frozen, so the
       groups whose cores collide most with other groups' cores go first, while little is frozen,
       and the most isolated groups go last, where freezing blocks the fewest of their entries.
+    - ``"backward_transfer"``: ``transfer[i, j]`` is the change of task ``j``'s score caused by
+      training on task ``i`` alone (the probes: expert ``i`` on task ``j`` minus the base model,
+      ``i != j``; the diagonal is ignored). A task's fragility is how much the other tasks' probes
+      hurt it, ``-mean_{i != j} transfer[i, j]``; groups are ordered by their tasks' mean
+      fragility, least fragile first, so the most fragile groups are trained last and are not
+      trained over afterwards (needs ``transfer``).
+    - ``"structured_first"``: groups whose probes learned their tasks most clearly first:
+      ``gains[t]`` is task ``t``'s probe gain over its floor (normalised, e.g. (expert - floor) /
+      (1 - floor)); a group's key is its tasks' mean gain, highest first. Rationale: tasks with a
+      clear learnable structure set up their cores while nothing is frozen; the weakly learned
+      ones come last, where training continues from everything before (needs ``gains``).
 
-    ``seed`` is only used by ``"random"``; ``overlap`` and ``sizes`` only by the heuristics that
-    name them.
+    ``seed`` is only used by ``"random"``; ``overlap``, ``sizes``, ``transfer`` and ``gains``
+    only by the heuristics that name them.
 
     Returns:
       A new list of the groups (each a list of ints) in stage order.
@@ -192,10 +206,32 @@ def order_stages(
         keys = [-w for w in _group_weights(groups, sizes)]
     elif strategy == "overlap_desc":
         keys = [-s for s in _cross_overlap(groups, overlap)]
+    elif strategy == "backward_transfer":
+        fragility = _fragility(transfer, 1 + max(max(g) for g in groups))
+        keys = [float(np.mean(fragility[g])) for g in groups]
+    elif strategy == "structured_first":
+        if gains is None:
+            raise ValueError("stage order 'structured_first' needs gains (one per task)")
+        gains = np.asarray(gains, np.float64)
+        keys = [-float(np.mean(gains[g])) for g in groups]
     else:
         raise ValueError(f"unknown stage order {strategy!r}; available: {', '.join(STAGE_ORDERS)}")
     order = sorted(range(len(groups)), key=lambda g: (keys[g], min(groups[g])))
     return [groups[g] for g in order]
+
+
+def _fragility(transfer, n: int) -> np.ndarray:
+    """``-mean_{i != j} transfer[i, j]`` per task ``j`` (``order_stages``)."""
+    if transfer is None:
+        raise ValueError("stage order 'backward_transfer' needs transfer (an N x N matrix)")
+    matrix = np.asarray(transfer, np.float64)
+    if matrix.shape != (n, n) or not np.isfinite(matrix).all():
+        raise ValueError(f"transfer must be a finite {n} x {n} matrix (probe i's change of task "
+                         f"j's score), got shape {matrix.shape}")
+    if n == 1:
+        return np.zeros(1)
+    off = ~np.eye(n, dtype=bool)
+    return -np.array([matrix[:, j][off[:, j]].mean() for j in range(n)])
 
 
 def random_groups(n_tasks: int, k: int, seed: int = 0) -> list[list[int]]:

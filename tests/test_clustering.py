@@ -218,3 +218,26 @@ def test_random_groups_depend_on_seed():
 def test_random_groups_rejects_bad_sizes(n, k, message):
     with pytest.raises(ValueError, match=message):
         clustering.random_groups(n, k)
+
+
+def test_backward_transfer_order_puts_the_most_fragile_groups_last():
+    # transfer[i, j]: probe i's change of task j. Task 2 is hurt most by the others, task 0 least.
+    transfer = np.array([[0.5, -0.1, -0.4],
+                         [0.0, 0.6, -0.3],
+                         [0.1, -0.2, 0.7]])
+    # fragility: task0 -(0.0+0.1)/2 = -0.05, task1 -(-0.1-0.2)/2 = 0.15, task2 0.35
+    groups = [[0], [1], [2]]
+    assert clustering.order_stages(groups, "backward_transfer", transfer=transfer) == groups
+    assert clustering.order_stages([[2], [0, 1]], "backward_transfer",
+                                   transfer=transfer) == [[0, 1], [2]]
+    with pytest.raises(ValueError, match="needs transfer"):
+        clustering.order_stages(groups, "backward_transfer")
+    with pytest.raises(ValueError, match="finite 3 x 3"):
+        clustering.order_stages(groups, "backward_transfer", transfer=np.zeros((2, 2)))
+
+
+def test_structured_first_orders_by_probe_gain():
+    assert clustering.order_stages([[0], [1, 2]], "structured_first",
+                                   gains=[0.1, 0.9, 0.5]) == [[1, 2], [0]]
+    with pytest.raises(ValueError, match="needs gains"):
+        clustering.order_stages([[0]], "structured_first")

@@ -181,7 +181,8 @@ def test_only_variants_that_keep_the_core_settings_reuse_the_stored_cores():
     config = toy.get_config("ablations")
     variants = config_checks.ablation_variants(config)
     reused = {key for key, (_, overrides) in variants.items() if methods.keeps_cores(config.cpift, overrides)}
-    assert reused == {"ablation_tau0", "ablation_linear", "ablation_no_freeze", "ablation_no_replay"}
+    assert reused == {"ablation_tau0", "ablation_linear", "ablation_no_freeze", "ablation_no_replay",
+                      "ablation_order_backward_transfer", "ablation_order_structured_first"}
     assert {"ablation_no_embed_head", "ablation_p0.5", "ablation_p5"} <= set(variants)
 
 
@@ -325,3 +326,11 @@ def test_a_failing_merge_operator_fails_the_run_naming_the_stage_and_is_retried(
     rows = json.loads((workdir / "results.json").read_text())["methods"]
     assert rows["merge_flaky"]["status"] == "ok"
 
+
+
+def test_probe_effects_read_the_experts_stage():
+    result = {"scores": {"a": {"a": 0.9, "b": 0.1}, "b": {"a": 0.3, "b": 0.6}},
+              "base": {"a": 0.5, "b": 0.2}}
+    effects = methods.probe_effects(("a", "b"), result)
+    np.testing.assert_allclose(effects["transfer"], [[0.4, -0.1], [-0.2, 0.4]])
+    assert effects["gains"] == pytest.approx([0.4 / 0.5, 0.4 / 0.8])

@@ -93,6 +93,10 @@ def check_config(config) -> None:
                       f"{err}")
     for p in config.ablations.p_values:
         _check_cpift(config.cpift.copy_and_resolve_references(), "ablations.p_values", p=p)
+    for order in config.ablations.get("stage_orders", ()):
+        if order not in clustering.STAGE_ORDERS:
+            _fail("ablations.stage_orders", f"names unknown order {order!r}; known: "
+                  f"{clustering.STAGE_ORDERS}")
 
 
 def _check_cpift(c, key: str, p: float | None = None) -> None:
@@ -149,4 +153,6 @@ def ablation_variants(config) -> dict[str, tuple[str, dict]]:
     }
     for p in a.p_values:
         out[f"ablation_p{p * 100:g}"] = (f"CPI-FT, p = {p * 100:g}%", {"p": p})
+    for order in a.get("stage_orders", ()):
+        out[f"ablation_order_{order}"] = (f"CPI-FT, stage order {order}", {"stage_order": order})
     return out

@@ -44,7 +44,7 @@ from cpift_jax.training import step as step_lib
 from cpift_jax.training import train as train_lib
 
 __all__ = ["Context", "evaluate", "evaluate_examples", "scored", "train_on", "stage_weights", "multistage", "heuristic_groups",
-           "core_masks", "core_density", "cluster", "fuse", "pipeline_sft", "cpift_chain",
+           "core_masks", "core_density", "probe_effects", "cluster", "fuse", "pipeline_sft", "cpift_chain",
            "merge_only", "KIND_RULES", "OUTSIDE_LAYER_RULES", "layer_group"]
 
 Pytree = Any
@@ -222,12 +222,28 @@ def core_density(mask: Pytree) -> dict:
             "by_kind": {str(k): v["density"] for k, v in by_kind.items()}}
 
 
+def probe_effects(tasks: Sequence[str], experts_result: Mapping) -> dict:
+    """What the probes (the experts stage's result) say about the tasks, for the stage orders
+    ``backward_transfer`` and ``structured_first`` (``clustering.order_stages``):
+    ``transfer[i][j]`` = expert ``i``'s score on task ``j`` minus the base model's, and
+    ``gains[t]`` = (expert_t - base_t) / (1 - base_t), the share of the headroom above the base
+    model that task ``t``'s own probe gained."""
+    scores, base = experts_result["scores"], experts_result["base"]
+    transfer = [[scores[a][b] - base[b] for b in tasks] for a in tasks]
+    gains = [(scores[t][t] - base[t]) / max(1.0 - base[t], 1e-9) for t in tasks]
+    return {"transfer": transfer, "gains": gains}
+
+
 def cluster(tasks: Sequence[str], cores: Sequence[Pytree], cfg, seed: int,
-            sizes: Sequence[float] | None = None) -> tuple[np.ndarray, list[list[str]]]:
-    """Step 3: Jaccard matrix and the groups (task names) in stage order."""
+            sizes: Sequence[float] | None = None,
+            probes: Mapping | None = None) -> tuple[np.ndarray, list[list[str]]]:
+    """Step 3: Jaccard matrix and the groups (task names) in stage order; ``probes``
+    (``probe_effects``) feeds the probe-guided stage orders."""
     overlap = masks.overlap_matrix(cores)
     groups = clustering.cluster_tasks(overlap, cfg.tau)
-    stages = clustering.order_stages(groups, cfg.stage_order, seed, overlap=overlap, sizes=sizes)
+    probes = probes or {}
+    stages = clustering.order_stages(groups, cfg.stage_order, seed, overlap=overlap, sizes=sizes,
+                                     transfer=probes.get("transfer"), gains=probes.get("gains"))
     return overlap, [[tasks[i] for i in g] for g in stages]
 
 
@@ -261,21 +277,22 @@ def pipeline_sft(ctx: Context, fused: Pytree, stages: Sequence[Sequence[str]],
 
 
 def cpift_chain(ctx: Context, experts: Sequence[Pytree], cfg, *, backbone: Pytree | None = None,
-                cores: Sequence[Pytree] | None = None, name: str = "cpift") -> dict:
+                cores: Sequence[Pytree] | None = None, probes: Mapping | None = None,
+                name: str = "cpift") -> dict:
     """Steps 2-5 in memory for one CPI-FT variant (ablations); returns scores and bookkeeping.
     ``cores``: the experts' core masks if already known for ``cfg`` (else computed here)."""
     backbone = ctx.base if backbone is None else backbone
     cores = core_masks(ctx.base, experts, cfg) if cores is None else list(cores)
-    overlap, stages = cluster(ctx.tasks, cores, cfg, ctx.seed)
+    overlap, stages = cluster(ctx.tasks, cores, cfg, ctx.seed, probes=probes)
     fused, report = fuse(backbone, experts, cores, cfg)
     by_task = dict(zip(ctx.tasks, cores))
     final, _ = pipeline_sft(ctx, fused, stages, by_task, cfg, name=name)
-    return {"per_task": evaluate(ctx, final), "fused_per_task": evaluate(ctx, fused),
+    return {**scored(ctx, final), "fused_per_task": evaluate(ctx, fused),
             "groups": stages, "overlap": overlap.tolist(), "fusion": report}
 
 
-def merge_only(ctx: Context, experts: Sequence[Pytree], name: str) -> dict[str, float]:
+def merge_only(ctx: Context, experts: Sequence[Pytree], name: str) -> dict:
     """Registry operator ``name`` with its default settings on the experts, ``base`` = the base
-    model; evaluated without any training."""
+    model; evaluated without any training (``scored``'s result)."""
     merged = merges.get(name)(list(experts), base=ctx.base)
-    return evaluate(ctx, merged)
+    return scored(ctx, merged)

@@ -302,7 +302,8 @@ class _Run:
                 cfg.update(overrides)
                 cores = self.cores(seed) if methods.keeps_cores(c.cpift, overrides) else None
                 return methods.cpift_chain(ctx, self.experts(seed), cfg, cores=cores,
-                                           backbone=self.backbone(seed), name=key)
+                                           backbone=self.backbone(seed), probes=self.probes(seed),
+                                           name=key)
             wd.run(p + key, ablation)
         if c.merge_only.enabled:
             for name in c.merge_only.operators or merges.available():
@@ -324,12 +325,16 @@ class _Run:
             ctx = self.ctx(seed, d)
             experts = self.experts(seed)
             try:
-                return {"per_task": methods.merge_only(ctx, experts, name)}
+                return methods.merge_only(ctx, experts, name)
             except Exception as err:  # re-raised with the stage named, not recorded
                 raise RuntimeError(f"stage {stage} failed: merge operator {name!r} raised "
                                    f"{type(err).__name__}: {err}") from err
 
         return self.wd.run(stage, merge)
+
+    def probes(self, seed: int) -> dict:
+        """``methods.probe_effects`` of this seed's experts stage."""
+        return methods.probe_effects(self.tasks, self.wd.result(f"seed{seed}/experts"))
 
     def backbone(self, seed: int):
         b = self.config.cpift.backbone
@@ -354,7 +359,8 @@ class _Run:
         wd.run(p + "cores", cores)
 
         def clusters(d):
-            overlap, groups = methods.cluster(self.tasks, self.cores(seed), c.cpift, seed)
+            overlap, groups = methods.cluster(self.tasks, self.cores(seed), c.cpift, seed,
+                                              probes=self.probes(seed))
             return {"overlap": overlap.tolist(), "groups": groups}
 
         groups = wd.run(p + "clusters", clusters)["groups"]
