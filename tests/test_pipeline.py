@@ -334,3 +334,16 @@ def test_probe_effects_read_the_experts_stage():
     effects = methods.probe_effects(("a", "b"), result)
     np.testing.assert_allclose(effects["transfer"], [[0.4, -0.1], [-0.2, 0.4]])
     assert effects["gains"] == pytest.approx([0.4 / 0.5, 0.4 / 0.8])
+
+
+def test_learning_rate_scales_inversely_with_width_from_the_reference():
+    config = toy.get_config()
+    config.train.optimizer.learning_rate = 3e-3
+    assert config_checks.learning_rate(config) == 3e-3  # no reference width: as configured
+    config.train.lr_reference_width = 128
+    for width, want in ((64, 6e-3), (128, 3e-3), (256, 1.5e-3)):
+        config.model.hidden_size = width
+        assert config_checks.learning_rate(config) == pytest.approx(want)
+    config.model.backend = "smollm2"
+    with pytest.raises(ValueError, match="'train.lr_reference_width'"):
+        config_checks.learning_rate(config)

@@ -15,7 +15,7 @@ from cpift_jax.benchmark import real_tasks
 from cpift_jax.benchmark import tasks as tasks_lib
 from cpift_jax.data import suite as suite_lib
 
-__all__ = ["MAIN_METHODS", "LABELS", "BACKBONES", "check_config", "budgets",
+__all__ = ["MAIN_METHODS", "LABELS", "BACKBONES", "check_config", "learning_rate", "budgets",
            "ablation_variants"]
 
 MAIN_METHODS = ("single_task", "multitask_sft", "multitask_sft_equal_steps", "multistage_random",
@@ -67,6 +67,7 @@ def check_config(config) -> None:
     if d.n_train < config.train.batch_size:
         _fail("data.n_train", f"= {d.n_train} is smaller than one batch "
               f"(train.batch_size = {config.train.batch_size})")
+    learning_rate(config)  # fails on a reference width without a toy model
     if config.train.steps_per_task < 1:
         _fail("train.steps_per_task", f"must be >= 1, got {config.train.steps_per_task}")
     _check_cpift(config.cpift, "cpift")
@@ -121,6 +122,26 @@ def _check_cpift(c, key: str, p: float | None = None) -> None:
 
 
 # ------------------------------------------------------------------------------------ budgets
+
+
+def learning_rate(config) -> float:
+    """The peak learning rate a run uses: ``train.optimizer.learning_rate``, or, with
+    ``train.lr_reference_width = w0 > 0``, that rate scaled by ``w0 / model.hidden_size``.
+
+    The rule: with Adam, an update's size per entry does not depend on the width, while a hidden
+    layer's output sums ``width`` such updates, so keeping the change of the activations fixed
+    when the width grows asks for a step ``~ 1 / width`` (muP's hidden-layer rule for Adam; Yang
+    et al. 2022, "Tensor Programs V", Table 3). It is applied to every parameter here, a
+    simplification stated in docs/cpift_benchmark.md; a capacity sweep then keeps one tuned rate
+    at the reference width instead of retuning per width."""
+    lr = float(config.train.optimizer.learning_rate)
+    w0 = config.train.get("lr_reference_width", 0)
+    if not w0:
+        return lr
+    if config.model.backend != "toy":
+        _fail("train.lr_reference_width", "scales the rate by the toy model's hidden_size; set it "
+              "to 0 for a pretrained checkpoint")
+    return lr * float(w0) / float(config.model.hidden_size)
 
 
 def budgets(config) -> dict[str, str]:

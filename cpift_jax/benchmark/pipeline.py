@@ -53,6 +53,7 @@ from cpift_jax.benchmark import methods
 from cpift_jax.benchmark import forgetting as forgetting_lib
 from cpift_jax import tree as tree_lib
 from cpift_jax.benchmark import tasks as tasks_lib
+from cpift_jax.benchmark import config_checks
 from cpift_jax.benchmark.config_checks import (LABELS, MAIN_METHODS,  # noqa: F401
                                        ablation_variants, budgets, check_config)
 from cpift_jax.benchmark.workdir import Workdir
@@ -193,10 +194,12 @@ class _Run:
             mc, tok, base = self.base()
             c = self.config
             task_set = tasks_lib.build(c, mc, tok, seed)
+            optimizer = c.train.optimizer.copy_and_resolve_references()
+            optimizer.learning_rate = config_checks.learning_rate(c)
             self._ctx[seed] = methods.Context(
                 model_config=mc, tokenizer=tok, base=base, tasks=self.tasks,
                 train_arrays=task_set.train_arrays, evaluator=task_set.evaluate,
-                mixture=task_set.mixture, optimizer=c.train.optimizer,
+                mixture=task_set.mixture, optimizer=optimizer,
                 batch_size=c.train.batch_size, steps_per_task=c.train.steps_per_task, seed=seed,
                 mesh=self.mesh, step_config=self.step_config,
                 checkpoint_every=c.train.checkpoint_every, progress=c.progress)
