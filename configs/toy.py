@@ -17,8 +17,9 @@ Variants:
   minute; the end-to-end tests use it).
 - ``configs/toy.py:ablations``: the default plus the CPI-FT ablations and the merge-only block
   (every registry operator on the experts); about 2 more minutes per seed.
-- ``configs/toy.py:sweep``: one seed, no forgetting, shorter budgets, for
-  ``experiments/sweep.py`` (e.g. ``--knob=model.hidden_size --values=32,128``).
+- ``configs/toy.py:sweep``: seeds 0-2, the forgetting pair and the merge-only block, shorter
+  budgets, for ``experiments/sweep.py`` (e.g. ``--knob=capacity --values=32,128``; one cell
+  takes about CELL_MIN minutes, docs/cpift_benchmark.md "Sweeps").
 
 The setting: every prompt is the bare payload (``suite.similarity = 1``) with one weak tag
 token naming the task, so the same digits ask for a different answer per task; the model is
@@ -115,6 +116,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ablations = ml_collections.ConfigDict()
     c.ablations.enabled = False
     c.ablations.p_values = (0.005, 0.05)  # the p sweep (1% is the main CPI-FT row)
+    # Stage orders against the main row's random order (clustering.STAGE_ORDERS): guided by the
+    # probes' backward transfer (most fragile last) and structure (clearest first).
+    c.ablations.stage_orders = ("backward_transfer", "structured_first")
+
+    # Is the core structural? Half-budget probes per task (S/2 more steps per task and seed) and
+    # the Jaccard of each task's core across seeds and lengths against chance
+    # (cpift_jax.benchmark.core_stability; results/core_stability.md).
+    c.analysis = ml_collections.ConfigDict(dict(core_stability=False))
 
     c.merge_only = ml_collections.ConfigDict()
     c.merge_only.enabled = False
@@ -134,9 +143,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.cpift.steps_per_task = 4
         c.cpift.p = 0.05
         c.forgetting.steps = 4
-    elif arg == "sweep":  # experiments/sweep.py: one seed, no forgetting, shorter budgets
-        c.seeds = (0,)
-        c.forgetting.enabled = False
+    elif arg == "sweep":  # experiments/sweep.py: every cell of the regime map
+        c.seeds = (0, 1, 2)  # the regime map's intervals need seeds (issue: at least 3)
+        c.forgetting.enabled = True
+        c.merge_only.enabled = True  # every registry operator: the best one is compared
         c.train.steps_per_task, c.cpift.steps_per_task = 100, 60
     elif arg == "ablations":
         c.ablations.enabled = True

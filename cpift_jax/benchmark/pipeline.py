@@ -6,6 +6,8 @@ completed stage, a workdir made with another config is refused naming the differ
     base                       the base model (toy: cached pretraining; or SmolLM2), Orbax
     seed<s>/experts            probe SFT per task = the single-task experts, Orbax per task
     seed<s>/cores              core masks (top p of |expert - base|), bit-packed per task
+    seed<s>/half_probes        with ``config.analysis.core_stability``: cores of probes at half
+                               the budget (``cpift_jax.benchmark.core_stability``)
     seed<s>/clusters           Jaccard overlap matrix, groups at tau, stage order
     seed<s>/fusion             fused model (cores transplanted, the rest merged), Orbax
     seed<s>/cpift              pipeline SFT with earlier groups' cores frozen
@@ -16,7 +18,8 @@ completed stage, a workdir made with another config is refused naming the differ
     seed<s>/merge_<name>       merge-only operators on the experts (``config.merge_only``); one
                                whose declarations exclude the setting is recorded as
                                ``{"status": "not_applicable", "reason": ...}``
-    results                    ``results.json`` (``aggregate.Results``) + the report
+    results                    ``results.json`` (``aggregate.Results``) + the report (and
+                               ``core_stability.json``/``.md``: cores across seeds and lengths)
 
 Every stage returns a JSON result stored in its ``DONE.json``; ``results`` aggregates them over
 seeds (mean and population std) and calls ``cpift_jax.benchmark.report.write``.
@@ -361,6 +364,19 @@ class _Run:
 
         wd.run(p + "cores", cores)
 
+        if _core_stability(c):
+            def half_probes(d):
+                ctx = self.ctx(seed, d)
+                steps = max(1, ctx.steps_per_task // 2)
+                for i, t in enumerate(self.tasks):  # stream i: the expert's own batch order
+                    params = methods.train_on(ctx, ctx.base, {t: 1.0}, steps, stream=i,
+                                              name=f"half_{t}")
+                    checkpoints.save_masks(d / t, methods.core_masks(ctx.base, [params],
+                                                                     c.cpift)[0])
+                return {"steps": steps}
+
+            wd.run(p + "half_probes", half_probes)
+
         def clusters(d):
             overlap, groups = methods.cluster(self.tasks, self.cores(seed), c.cpift, seed,
                                               probes=self.probes(seed))
@@ -399,6 +415,24 @@ def _enable_compile_cache(enabled: bool) -> None:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
+def _core_stability(config) -> bool:
+    return bool(config.get("analysis") and config.analysis.get("core_stability", False))
+
+
+def _write_core_stability(config, r: _Run, d: Path) -> None:
+    """``core_stability.json`` / ``.md`` in ``d`` (``cpift_jax.benchmark.core_stability``)."""
+    from cpift_jax.benchmark import core_stability
+
+    like = r.base()[2]
+    seeds = [int(s) for s in config.seeds]
+    full = {s: dict(zip(r.tasks, r.cores(s))) for s in seeds}
+    half = {s: {t: checkpoints.load_masks(r.wd.path(f"seed{s}/half_probes") / t, like)
+                for t in r.tasks} for s in seeds}
+    summary = core_stability.summarize(r.tasks, full, half)
+    distributed.write_json(d / "core_stability.json", summary)
+    distributed.write_text(d / "core_stability.md", core_stability.format_table(summary) + "\n")
+
+
 def _floors(config, r: _Run) -> dict[str, float]:
     """Normalisation floors (``cpift_jax.benchmark.tasks``): chance levels of the synthetic
     suite, or the base model's scores on the real tasks (the same on every seed: one base model,
@@ -430,6 +464,8 @@ def run(config, workdir) -> aggregate.Results:
                           metrics=tasks_lib.metric_labels(config), labels=LABELS, budgets=budgets(config),
                           ablations=ablations, forgetting_labels=forgetting_lib.LABELS,
                           ).save(d / "results.json")
+        if _core_stability(config):
+            _write_core_stability(config, r, d)
         return {"file": str(d / "results.json")}
 
     r.wd.run("results", results_stage)
