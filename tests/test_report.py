@@ -35,6 +35,16 @@ def _method(label, block, budget, scores, avg, per_seed_avg):
     }
 
 
+def _interval(estimate, low, high, resamples=2000):
+    from cpift_jax.benchmark.statistics import Interval
+    return Interval(estimate, low, high, 0.95, resamples).to_json()
+
+
+def _pair(a, b, block, estimate, low, high, per_seed):
+    return {"a": a, "b": b, "block": block, "interval": _interval(estimate, low, high),
+            "per_seed": per_seed}
+
+
 def _raw() -> dict:
     """The results.json layout (Results.to_json) of a full run."""
     methods = {
@@ -93,6 +103,16 @@ def _raw() -> dict:
         "groups": {"per_seed": [[["arith", "logic"], ["recall"]], [["recall"], ["arith", "logic"]],
                                 [["arith"], ["logic"], ["recall"]]]},
         "core_density": {t: {"by_layer": dict(layers), "by_kind": dict(kinds)} for t in TASKS},
+        "comparisons": {
+            "statistic": "difference of the normalised average (A - B)", "resamples": 2000,
+            "confidence": 0.95, "examples": {t: 200 for t in TASKS},
+            "pairs": [
+                _pair("cpift", "single_task", "main", -0.19, -0.25, -0.13, [-0.22, -0.19, -0.16]),
+                _pair("cpift", "multitask_sft", "main", -0.04, -0.07, -0.01, [-0.05, -0.04, -0.03]),
+                _pair("ablation_tau0", "cpift", "ablation", -0.11, -0.2, 0.01,
+                      [-0.08, -0.11, -0.14]),
+                _pair("merge_ties", "single_task", "merge_only", -0.7, -0.75, -0.65,
+                      [-0.7, -0.7, -0.7])]},
     }
 
 
@@ -173,34 +193,105 @@ def test_forgetting_overlap_groups_density_and_setup():
     assert "(not run)" not in md
 
 
-def _with_avg(cpift, multitask, per_seed=None) -> Results:
-    """``_raw()`` with the avg_normalized of CPI-FT and multi-task SFT replaced; ``per_seed``:
-    ``{method: [one value per seed]}``."""
+def _with_pair(estimate, low, high, per_seed=None) -> Results:
+    """``_raw()`` with the CPI-FT minus multi-task SFT interval replaced; ``per_seed``:
+    ``{method: [avg_normalized per seed]}``."""
     raw = _raw()
-    for key, (mean, std) in (("cpift", cpift), ("multitask_sft", multitask)):
-        raw["methods"][key]["avg_normalized"] = {"mean": mean, "std": std}
-        for row, value in zip(raw["methods"][key]["per_seed"], (per_seed or {}).get(key, [])):
+    raw["comparisons"]["pairs"][1]["interval"] = _interval(estimate, low, high)
+    for key, values in (per_seed or {}).items():
+        for row, value in zip(raw["methods"][key]["per_seed"], values):
             row["avg_normalized"] = value
     return Results.from_json(raw)
 
 
-def test_verdict_sign_both_ways():
+def test_verdict_is_worded_from_the_interval():
     assert report.verdict(_results()) == (
-        "CPI-FT avg 0.81 ± 0.03 vs Full multi-task SFT 0.85 ± 0.02: CPI-FT is lower by 0.04; "
-        "CPI-FT is higher on 0 of 3 seeds.")
-    higher = _with_avg((0.90, 0.01), (0.85, 0.02), {"cpift": [0.9, 0.91, 0.84],
-                                                     "multitask_sft": [0.85, 0.85, 0.85]})
+        "CPI-FT is worse than full multi-task SFT on the normalised average: difference -0.04 "
+        "[95% CI -0.07, -0.01], 3 seeds x 200 examples per task; CPI-FT is higher on 0 of 3 "
+        "seeds.")
+    higher = _with_pair(0.12, 0.03, 0.21, {"cpift": [0.9, 0.91, 0.84],
+                                          "multitask_sft": [0.85, 0.85, 0.85]})
     assert report.verdict(higher) == (
-        "CPI-FT avg 0.90 ± 0.01 vs Full multi-task SFT 0.85 ± 0.02: CPI-FT is higher by 0.05; "
-        "CPI-FT is higher on 2 of 3 seeds.")
-    assert "CPI-FT is higher by 0.01 (within one std over seeds)" in report.verdict(
-        _with_avg((0.86, 0.03), (0.85, 0.02)))
-    assert "are level" in report.verdict(_with_avg((0.851, 0.03), (0.85, 0.02)))
-    assert report.verdict(_with_avg((float("nan"), 0.0), (0.85, 0.02))) == (
-        "no verdict: the normalised average of 'cpift' is undefined (NaN: on some seed no task's "
-        "expert beat its floor (chance or the base model) by 0.05; see Set-up)")
+        "CPI-FT is better than full multi-task SFT on the normalised average: difference +0.12 "
+        "[95% CI +0.03, +0.21], 3 seeds x 200 examples per task; CPI-FT is higher on 2 of 3 "
+        "seeds.")
+    assert ("CPI-FT is not distinguishable from full multi-task SFT on the normalised average: "
+            "difference +0.01 [95% CI -0.02, +0.04]") in report.verdict(
+        _with_pair(0.01, -0.02, 0.04))
+    # An interval that touches 0 does not exclude it.
+    assert "not distinguishable from" in report.verdict(_with_pair(0.05, 0.0, 0.1))
+    assert report.verdict(_with_pair(0.05, float("nan"), 0.1)) == (
+        "no verdict: the difference of the normalised averages of 'cpift' and 'multitask_sft' or "
+        "its interval is undefined (NaN: on some seed or bootstrap replicate no task's expert "
+        "beat its floor (chance or the base model) by 0.05; see Set-up)")
     # The verdict is also the report's first section.
     assert report.verdict(_results()) in _section(report.render_markdown(_results()), "Verdict")
+
+
+def test_an_older_results_json_without_statistics_loads_and_says_how_to_get_them():
+    raw = _raw()
+    del raw["comparisons"]
+    results = Results.from_json(raw)
+    assert results.comparisons is None and results.to_json() == raw
+    md = report.render_markdown(results)
+    assert report.verdict(results).startswith(
+        "no verdict: this results.json has no paired comparison of 'cpift' and 'multitask_sft'")
+    assert "delete <workdir>/results/DONE.json" in _section(md, "Paired comparisons")
+    assert "mean ± std over 3 seeds" in _section(md, "Main methods")  # no standard errors
+
+
+def test_paired_comparisons_table():
+    section = _section(report.render_markdown(_results()), "Paired comparisons")
+    assert "| Comparison (A − B) | Difference | 95% CI | Verdict | Per seed |" in section
+    assert ("| CPI-FT − Full multi-task SFT | -0.04 | [-0.07, -0.01] | worse "
+            "| -0.05, -0.04, -0.03 |") in section
+    assert ("| tau = 0 (one group) − CPI-FT | -0.11 | [-0.20, +0.01] | not distinguishable "
+            "| -0.08, -0.11, -0.14 |") in section
+    assert "| TIES − Single-task experts | -0.70 | [-0.75, -0.65] | worse |" in section
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "−" in line]
+    assert len(rows) == 5  # header + the 4 pairs, in the stored order
+    assert rows[1].startswith("| CPI-FT − Single-task experts |")
+    assert "2000 bootstrap resamples; 3 seeds x 200 examples per task" in section
+    empty = _raw()
+    empty["comparisons"]["pairs"] = []
+    assert "(not run): no pair to compare" in report.render_markdown(Results.from_json(empty))
+
+
+def test_cells_show_the_standard_error_when_every_row_has_one():
+    raw = _raw()
+    for m in raw["methods"].values():
+        for s in [*m["per_task"].values(), m["avg_normalized"]]:
+            s["se"] = s["std"] / 2
+    results = Results.from_json(raw)
+    assert results.methods["cpift"].per_task["arith"].se == 0.005
+    assert results.to_json() == raw
+    md = report.render_markdown(results)
+    assert _row(md, "CPI-FT", "Main methods") == (
+        "| CPI-FT | **88.0 ± 0.5** | 55.0 ± 2.5 | 65.0 ± 1.0 | 0.81 ± 0.01 "
+        "| 3 stages x 200 steps x 16 seqs |")
+    assert ("mean over 3 seeds ± standard error (over seeds and held-out examples: two-level "
+            "bootstrap)") in _section(md, "Main methods")
+    del raw["methods"]["merge_ties"]["per_task"]["logic"]["se"]  # one missing: std everywhere
+    md = report.render_markdown(Results.from_json(raw))
+    assert "| CPI-FT | **88.0 ± 1.0** |" in md and "mean ± std over 3 seeds" in md
+
+
+def test_forgetting_with_intervals():
+    raw = _raw()
+    intervals = {"multitask_sft": ((-0.245, -0.30, -0.19), (0.134, 0.10, 0.17)),
+                 "multistage_random": ((-0.162, -0.2, -0.12), (0.126, 0.09, 0.16)),
+                 "cpift": ((-0.057, -0.09, -0.02), (0.122, 0.08, 0.16))}
+    for k, (drop, gain) in intervals.items():
+        raw["forgetting"]["methods"][k]["drop_a_interval"] = _interval(*drop)
+        raw["forgetting"]["methods"][k]["gain_b_interval"] = _interval(*gain)
+    results = Results.from_json(raw)
+    assert results.forgetting.methods["cpift"].drop_a_interval.high == -0.02
+    assert results.to_json() == raw
+    section = _section(report.render_markdown(results), "Forgetting")
+    assert "| Full SFT | -24.5 [-30.0, -19.0] | **+13.4 [+10.0, +17.0]** |" in section
+    assert "| CPI-FT | **-5.7 [-9.0, -2.0]** | +12.2 [+8.0, +16.0] |" in section
+    assert ("Percentage points, mean over seeds [95% CI: paired two-level bootstrap over seeds "
+            "and held-out examples, 2000 resamples]") in section
 
 
 def _main_only() -> dict:
@@ -210,6 +301,7 @@ def _main_only() -> dict:
         del raw[key]
     for key in ("ablation_tau0", "ablation_linear", "merge_ties", "merge_dare"):
         del raw["methods"][key]
+    raw["comparisons"]["pairs"] = [p for p in raw["comparisons"]["pairs"] if p["block"] == "main"]
     return raw
 
 
@@ -224,7 +316,7 @@ def test_missing_sections_say_not_run():
     assert "- Timings: (not run)" in md
     assert "| CPI-FT | **88.0 ± 1.0**" in md  # what is present still renders
 
-    raw["methods"] = {}
+    raw["methods"], raw["comparisons"]["pairs"] = {}, []
     md = report.render_markdown(Results.from_json(raw))
     assert _section(md, "Main methods").strip().endswith("(not run)")
     assert "(not run): needs both 'cpift' and 'multitask_sft'" in _section(md, "Verdict")
@@ -253,6 +345,15 @@ def _broken(edit) -> dict:
      "number, got 'high'"),
     (lambda r: r.pop("core_fraction"), r"results has no 'core_fraction'"),
     (lambda r: r.update(core_fraction=1.5), r"results\['core_fraction'\] must be in \(0, 1\]"),
+    (lambda r: r["comparisons"]["pairs"][1]["interval"].update(verdict="better"),
+     r"results\['comparisons'\]\['pairs'\]\[1\]\['interval'\]\['verdict'\] is 'better' but the "
+     r"interval \[-0.07, -0.01\] gives 'worse'"),
+    (lambda r: r["comparisons"]["pairs"][0].update(b="nonesuch"),
+     r"results\['comparisons'\]\['pairs'\]\[0\]\['b'\] is 'nonesuch', not a method"),
+    (lambda r: r["comparisons"]["examples"].pop("recall"),
+     r"results\['comparisons'\]\['examples'\] must name every task"),
+    (lambda r: r["methods"]["cpift"]["per_task"]["arith"].update(se="small"),
+     r"results\['methods'\]\['cpift'\]\['per_task'\]\['arith'\]\['se'\] must be a number"),
 ])
 def test_malformed_results_json_names_the_file_and_key(tmp_path, edit, message):
     path = tmp_path / "results.json"
@@ -282,6 +383,10 @@ def test_round_trip_and_plots_need_their_section(tmp_path):
         plots.overlap_heatmap(results, tmp_path / "o.png")
     with pytest.raises(ValueError, match="no scored method in block 'ablation'"):
         plots.scores_by_method(results, tmp_path / "s.png", block="ablation")
+    raw = _main_only()
+    del raw["comparisons"]
+    with pytest.raises(ValueError, match="no 'comparisons' section"):
+        plots.paired_differences(Results.from_json(raw), tmp_path / "p.png")
 
 
 def test_core_fraction_is_the_stored_field_not_a_config_key():
@@ -311,6 +416,17 @@ def test_not_applicable_rows_show_their_reason_and_draw_no_bars(tmp_path):
         "| TIES | n/a (needs a base model) |")
 
 
+def _examples(score, n=50):
+    """Per-example 0/1 values whose mean is ``score`` (a multiple of 1 / n)."""
+    ones = round(score * n)
+    assert ones == pytest.approx(score * n)
+    return [1.0] * ones + [0.0] * (n - ones)
+
+
+def _scored(per_task):
+    return {"per_task": per_task, "per_example": {t: _examples(v) for t, v in per_task.items()}}
+
+
 def test_collect_builds_results_from_stage_results(tmp_path):
     """Stage results written through a Workdir as the pipeline's stages would; every
     aggregated number is written out by hand."""
@@ -325,11 +441,14 @@ def test_collect_builds_results_from_stage_results(tmp_path):
     wd = Workdir(tmp_path, {"any": "config"})
     expert = {0: {"a": 0.9, "b": 0.52}, 1: {"a": 0.7, "b": 0.9}}  # seed 0: b's expert at chance
     for s in (0, 1):
-        wd.run(f"seed{s}/experts", lambda d, s=s: {
-            "scores": {t: {u: expert[s][u] if u == t else 0.0 for u in tasks} for t in tasks}})
-        wd.run(f"seed{s}/multitask_sft", lambda d, s=s: {"per_task": {"a": 0.5, "b": 0.7}})
-        wd.run(f"seed{s}/cpift", lambda d, s=s: {"per_task": {"a": 0.3 + 0.2 * s, "b": 0.9}})
-        wd.run(f"seed{s}/merge_ties", lambda d: {"per_task": {"a": 0.1, "b": 0.5}})
+        scores = {t: {u: expert[s][u] if u == t else 0.0 for u in tasks} for t in tasks}
+        wd.run(f"seed{s}/experts", lambda d, scores=scores: {
+            "scores": scores,
+            "per_example": {t: {u: _examples(v) for u, v in sc.items()}
+                            for t, sc in scores.items()}})
+        wd.run(f"seed{s}/multitask_sft", lambda d, s=s: _scored({"a": 0.5, "b": 0.7}))
+        wd.run(f"seed{s}/cpift", lambda d, s=s: _scored({"a": 0.3 + 0.2 * s, "b": 0.9}))
+        wd.run(f"seed{s}/merge_ties", lambda d: _scored({"a": 0.1, "b": 0.5}))
         wd.run(f"seed{s}/merge_slerp", lambda d: {"status": "not_applicable",
                                                    "reason": "needs exactly 2 models"})
         wd.run(f"seed{s}/clusters", lambda d, s=s: {"overlap": [[1.0, 0.1 * s], [0.1 * s, 1.0]],
@@ -353,7 +472,7 @@ def test_collect_builds_results_from_stage_results(tmp_path):
     assert multi.avg_normalized.std == pytest.approx((7 / 12 - 0.5) / 2)
     assert results.methods["cpift"].per_task["a"].mean == pytest.approx(0.4)
     assert results.methods["cpift"].per_task["a"].std == pytest.approx(0.1)
-    assert results.methods["single_task"].avg_normalized == aggregate.Stat(1.0, 0.0)
+    assert results.methods["single_task"].avg_normalized == aggregate.Stat(1.0, 0.0, se=0.0)
     slerp = results.methods["merge_slerp"]
     assert (slerp.status, slerp.reason, slerp.block) == (
         aggregate.NOT_APPLICABLE, "needs exactly 2 models", "merge_only")
@@ -362,6 +481,25 @@ def test_collect_builds_results_from_stage_results(tmp_path):
     assert results.groups == ((("a",), ("b",)), (("a",), ("b",)))
     assert results.core_density["a"] == aggregate.CoreDensity({"0": 0.05}, {"q_proj": 0.04})
     assert results.forgetting is None and results.timings is None
+    # Paired comparisons (normalised as above): cpift is 0.25 on seed 0 (a only) and
+    # mean((0.5 - 0.1) / 0.6, (0.9 - 0.5) / 0.4) = 5/6 on seed 1; merge_ties is 0 on both.
+    found = results.comparisons
+    assert [(p.a, p.b, p.block) for p in found.pairs] == [
+        ("cpift", "single_task", "main"), ("cpift", "multitask_sft", "main"),
+        ("merge_ties", "cpift", "merge_only"), ("merge_ties", "single_task", "merge_only")]
+    assert found.examples == {"a": 50, "b": 50} and found.resamples == 2000
+    per_seed = {(p.a, p.b): p.per_seed for p in found.pairs}
+    assert per_seed[("cpift", "multitask_sft")] == pytest.approx((0.25 - 0.5, 5 / 6 - 7 / 12))
+    assert per_seed[("cpift", "single_task")] == pytest.approx((-0.75, -1 / 6))
+    assert per_seed[("merge_ties", "cpift")] == pytest.approx((-0.25, -5 / 6))
+    assert per_seed[("merge_ties", "single_task")] == pytest.approx((-1.0, -1.0))
+    for p in found.pairs:
+        assert p.interval.estimate == pytest.approx(np.mean(p.per_seed))
+        assert p.interval.low <= p.interval.estimate <= p.interval.high
+    assert found.find("merge_ties", "single_task").verdict == "worse"
+    se = results.methods["cpift"].per_task["a"].se
+    assert 0 < se < 0.2 and results.methods["multitask_sft"].avg_normalized.se > 0
+    assert results.methods["merge_slerp"].per_task == {}
     results.save(tmp_path / "results.json")
     assert Results.load(tmp_path / "results.json") == results
     assert aggregate.timings(wd).stages["seed1/cpift"] >= 0
@@ -382,8 +520,8 @@ def test_write_plots_and_links(tmp_path):
     results = _results()
     paths = report.write(tmp_path, results)
     names = sorted(Path(p).name for p in paths)
-    assert names == ["core_density.png", "overlap.png", "results.md", "scores_ablation.png",
-                     "scores_main.png", "scores_merge_only.png"]
+    assert names == ["core_density.png", "overlap.png", "paired_differences.png", "results.md",
+                     "scores_ablation.png", "scores_main.png", "scores_merge_only.png"]
     for p in paths[1:]:
         assert Path(p).parent == tmp_path / "plots"
         _check_png(Path(p))
@@ -392,11 +530,14 @@ def test_write_plots_and_links(tmp_path):
     assert "![Per-task scores, main methods](plots/scores_main.png)" in md
     assert "![Per-task scores, merge only](plots/scores_merge_only.png)" in md
     assert "![Core density](plots/core_density.png)" in md
+    assert ("![Paired differences of the normalised average](plots/paired_differences.png)"
+            in _section(md, "Paired comparisons"))
 
 
 def test_write_partial_run_draws_only_what_is_present(tmp_path):
     paths = report.write(tmp_path, Results.from_json(_main_only()))
-    assert paths == [str(tmp_path / "results.md"), str(tmp_path / "plots" / "scores_main.png")]
+    assert paths == [str(tmp_path / "results.md"), str(tmp_path / "plots" / "scores_main.png"),
+                     str(tmp_path / "plots" / "paired_differences.png")]
     md = (tmp_path / "results.md").read_text()
     assert "![Per-task scores, main methods](plots/scores_main.png)" in md
     assert "plots/overlap.png" not in md and "plots/scores_ablation.png" not in md
@@ -414,9 +555,11 @@ def test_binary_rerenders_from_results_json(tmp_path):
     proc = _run_binary(tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == [str(tmp_path / "results.md"),
-                                   str(tmp_path / "plots" / "scores_main.png")]
+                                   str(tmp_path / "plots" / "scores_main.png"),
+                                   str(tmp_path / "plots" / "paired_differences.png")]
     assert (tmp_path / "results.md").read_text() == report.render_markdown(
-        Results.from_json(_main_only()), {"scores_main": "plots/scores_main.png"})
+        Results.from_json(_main_only()), {"scores_main": "plots/scores_main.png",
+                                          "paired_differences": "plots/paired_differences.png"})
     _check_png(tmp_path / "plots" / "scores_main.png")
 
 

@@ -77,3 +77,27 @@ def test_bad_shapes_are_refused_naming_the_task():
 def test_standard_error():
     assert statistics.standard_error([1, 0, 1, 0]) == pytest.approx(np.std([1, 0, 1, 0], ddof=1) / 2)
     assert np.isnan(statistics.standard_error([1]))
+
+
+def test_normalised_leaves_out_a_seeds_tasks_whose_expert_is_near_the_floor():
+    # [seeds, methods] means; method 0 is scored, method 1 is the expert.
+    means = {"x": np.array([[0.5, 0.9], [0.4, 0.9]]), "y": np.array([[0.3, 0.27], [0.6, 0.8]])}
+    chance = {"x": 0.1, "y": 0.25}
+    # Seed 0: y's expert is 0.02 above its floor (< MIN_EXPERT_GAP), so x alone counts.
+    expected = [0.4 / 0.8, np.mean([0.3 / 0.8, 0.35 / 0.55])]
+    assert statistics.normalised(means, 0, 1, chance) == pytest.approx(expected)
+    # Leading axes are replicates: each is normalised on its own.
+    batched = {t: np.stack([v, v[::-1]]) for t, v in means.items()}
+    np.testing.assert_allclose(statistics.normalised(batched, 0, 1, chance),
+                               [expected, expected[::-1]])
+    assert np.isnan(statistics.normalised(means, 0, 1, {"x": 0.9, "y": 0.8})).all()
+
+
+def test_bootstrap_many_shares_one_resampling():
+    rng = np.random.default_rng(4)
+    samples = {"t": rng.random((3, 40, 3))}
+    fns = {"01": statistics.difference_of_means(0, 1), "10": statistics.difference_of_means(1, 0)}
+    both = statistics.bootstrap_many(samples, fns, resamples=300, seed=2)
+    assert both["01"] == statistics.bootstrap(samples, fns["01"], resamples=300, seed=2)
+    assert (both["01"].low, both["01"].high) == pytest.approx((-both["10"].high,
+                                                                -both["10"].low))

@@ -1,16 +1,27 @@
 """The CPI-FT benchmark's results: ``Results`` (frozen dataclasses) built from a workdir's stages.
 
 ``collect`` reads the completed stages' ``DONE.json`` results and aggregates over seeds (mean and
-population std, ``np.std``) into a ``Results``; ``Results.save`` writes ``results.json`` and
-``Results.load`` reads it back, for ``cpift_jax.benchmark.report`` and ``plots``. The file is
-parsed in one place (``Results.from_json``), which names the file and key of anything malformed
-and refuses a file of another ``FORMAT``. Every setting the report shows (the core fraction ``p``
+population std, ``np.std``) into a ``Results``, with the paired comparisons the report states
+(``comparison_pairs``; ``cpift_jax.benchmark.comparisons``) and each method's standard errors;
+``Results.save`` writes ``results.json`` and ``Results.load`` reads it back, for
+``cpift_jax.benchmark.report`` and ``plots``. The file is parsed in one place
+(``Results.from_json``), which names the file and key of anything malformed and refuses a file of
+another ``FORMAT``. Every setting the report shows (the core fraction ``p``
 included) is a stored field, copied from the config when the results are collected.
 
 Normalisation (``NORMALIZATION``): per seed and task, ``(score - chance) / (expert - chance)``
 with the same seed's single-task expert, averaged over the tasks whose expert beats chance by at
 least ``MIN_EXPERT_GAP``; a task whose expert is at chance carries no signal and is left out
 (all left out: NaN).
+
+Statistics (``cpift_jax.benchmark.statistics``, one two-level paired bootstrap over seeds and
+held-out examples, ``resamples`` replicates): ``Stat.se`` of a per-task score or a normalised
+average is the standard error of its mean over seeds, counting both the seed-to-seed and the
+finite-test-set variation; ``Results.comparisons`` holds, for each pair ``(a, b)``, the mean
+over seeds of ``norm_a - norm_b`` with its percentile interval, verdict and per-seed values; a
+``ForgettingRow`` holds intervals of ``drop_a`` and ``gain_b``. These fields are optional in
+``results.json`` (a file written before them still loads; the report then says they were not
+computed).
 """
 
 from __future__ import annotations
@@ -23,13 +34,17 @@ from typing import Any
 
 import numpy as np
 
+from cpift_jax.benchmark import comparisons as comparisons_lib
+from cpift_jax.benchmark import statistics
+from cpift_jax.benchmark.statistics import Interval
 from cpift_jax.training.checkpoints import read_json, write_json
 
 __all__ = ["FORMAT", "BLOCKS", "MAIN_ORDER", "OK", "NOT_APPLICABLE", "NORMALIZATION",
            "BASE_NORMALIZATION",
-           "MIN_EXPERT_GAP", "Stat", "SeedScores", "MethodRow", "ForgettingRow", "Forgetting",
-           "Overlap", "CoreDensity", "Timings", "Results", "normalized_average", "stat",
-           "collect", "timings"]
+           "MIN_EXPERT_GAP", "COMPARISON_STATISTIC", "Stat", "SeedScores", "MethodRow",
+           "ForgettingRow", "Forgetting", "Overlap", "CoreDensity", "Timings", "PairedComparison",
+           "Comparisons", "Results", "normalized_average", "stat", "comparison_pairs", "collect",
+           "timings"]
 
 FORMAT = 2  # results.json layout; bump on an incompatible change (old files are then refused)
 BLOCKS = ("main", "ablation", "merge_only")
@@ -39,7 +54,12 @@ MAIN_ORDER = ("single_task", "multitask_sft", "multitask_sft_equal_steps", "mult
               "multistage_heuristic", "fused_only", "cpift")
 OK, NOT_APPLICABLE = "ok", "not_applicable"  # a method row's status
 
-MIN_EXPERT_GAP = 0.05
+MIN_EXPERT_GAP = statistics.MIN_EXPERT_GAP
+COMPARISON_STATISTIC = (
+    "difference of the normalised average (A - B), mean over seeds of the per-seed differences; "
+    "percentile interval of a two-level paired bootstrap (seeds drawn with replacement, then each "
+    "drawn seed's held-out examples, the same draw for both methods); better / worse when the "
+    "interval lies above / below 0, else not distinguishable")
 NORMALIZATION = (
     "avg_normalized = mean over tasks t of (score_t - chance_t) / (expert_t - chance_t), with "
     "expert_t the same seed's single-task expert and chance_t the best constant answer's score; "
@@ -57,9 +77,11 @@ BASE_NORMALIZATION = (
 
 @dataclasses.dataclass(frozen=True)
 class Stat:
-    """Mean and population std over seeds (NaN mean: no seed had a value)."""
+    """Mean and population std over seeds (NaN mean: no seed had a value); ``se``: standard
+    error of the mean over seeds and examples (two-level bootstrap), None when not computed."""
     mean: float
     std: float
+    se: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +114,8 @@ class ForgettingRow:
     label: str
     drop_a: Stat
     gain_b: Stat
+    drop_a_interval: Interval | None = None  # paired bootstrap over seeds and examples
+    gain_b_interval: Interval | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +145,34 @@ class Timings:
 
 
 @dataclasses.dataclass(frozen=True)
+class PairedComparison:
+    """``a`` minus ``b`` on the normalised average (``COMPARISON_STATISTIC``): the interval, and
+    the difference on each seed (in ``Results.seeds`` order)."""
+    a: str
+    b: str
+    block: str  # the block of the row it qualifies (``a``'s): one of BLOCKS
+    interval: Interval
+    per_seed: tuple[float, ...]
+
+    @property
+    def verdict(self) -> str:
+        return self.interval.verdict
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparisons:
+    """The paired comparisons the report states, with how they were computed."""
+    statistic: str
+    resamples: int
+    confidence: float
+    examples: dict[str, int]  # held-out examples per task (per seed)
+    pairs: tuple[PairedComparison, ...]
+
+    def find(self, a: str, b: str) -> PairedComparison | None:
+        return next((p for p in self.pairs if (p.a, p.b) == (a, b)), None)
+
+
+@dataclasses.dataclass(frozen=True)
 class Results:
     """Everything ``results.json`` holds. The optional sections are None when not run."""
     config: dict
@@ -136,13 +188,11 @@ class Results:
     core_density: dict[str, CoreDensity] | None = None  # seed 0, per task
     timings: Timings | None = None
     metrics: dict[str, str] | None = None  # task -> what its score measures (None: exact match)
+    comparisons: Comparisons | None = None
 
     def methods_in(self, block: str) -> list[str]:
         """Keys of the methods in ``block``, in report order."""
-        keys = [k for k, m in self.methods.items() if m.block == block]
-        if block == "main":
-            keys = [k for k in MAIN_ORDER if k in keys] + [k for k in keys if k not in MAIN_ORDER]
-        return keys
+        return _methods_in(self.methods, block)
 
     def to_json(self) -> dict:
         out = {"format": FORMAT, "config": self.config, "core_fraction": self.core_fraction,
@@ -151,7 +201,7 @@ class Results:
                "methods": {k: _method_json(m) for k, m in self.methods.items()}}
         if self.forgetting is not None:
             out["forgetting"] = {"pair": list(self.forgetting.pair), "methods": {
-                k: dataclasses.asdict(m) for k, m in self.forgetting.methods.items()}}
+                k: _forgetting_json(m) for k, m in self.forgetting.methods.items()}}
         if self.overlap is not None:
             out["overlap"] = {"tasks": list(self.overlap.tasks),
                               "matrix": [list(r) for r in self.overlap.matrix],
@@ -164,6 +214,13 @@ class Results:
             out["timings"] = dataclasses.asdict(self.timings)
         if self.metrics is not None:
             out["metrics"] = dict(self.metrics)
+        if self.comparisons is not None:
+            c = self.comparisons
+            out["comparisons"] = {
+                "statistic": c.statistic, "resamples": c.resamples, "confidence": c.confidence,
+                "examples": dict(c.examples),
+                "pairs": [{"a": p.a, "b": p.b, "block": p.block, "interval": p.interval.to_json(),
+                           "per_seed": list(p.per_seed)} for p in c.pairs]}
         return out
 
     @classmethod
@@ -180,13 +237,33 @@ class Results:
         return cls.from_json(read_json(path), source=str(path))
 
 
+def _methods_in(methods: dict[str, MethodRow], block: str) -> list[str]:
+    keys = [k for k, m in methods.items() if m.block == block]
+    if block == "main":
+        keys = [k for k in MAIN_ORDER if k in keys] + [k for k in keys if k not in MAIN_ORDER]
+    return keys
+
+
+def _stat_json(s: Stat) -> dict:
+    out = {"mean": s.mean, "std": s.std}
+    return out if s.se is None else {**out, "se": s.se}
+
+
 def _method_json(m: MethodRow) -> dict:
     out = {"label": m.label, "block": m.block, "budget": m.budget, "status": m.status}
     if not m.applicable:
         return {**out, "reason": m.reason}
-    return {**out, "per_task": {t: dataclasses.asdict(s) for t, s in m.per_task.items()},
-            "avg_normalized": dataclasses.asdict(m.avg_normalized),
+    return {**out, "per_task": {t: _stat_json(s) for t, s in m.per_task.items()},
+            "avg_normalized": _stat_json(m.avg_normalized),
             "per_seed": [dataclasses.asdict(r) for r in m.per_seed]}
+
+
+def _forgetting_json(m: ForgettingRow) -> dict:
+    out = {"label": m.label, "drop_a": _stat_json(m.drop_a), "gain_b": _stat_json(m.gain_b)}
+    for field in ("drop_a_interval", "gain_b_interval"):
+        if getattr(m, field) is not None:
+            out[field] = getattr(m, field).to_json()
+    return out
 
 
 # ------------------------------------------------------------------------------ reading it back
@@ -220,9 +297,46 @@ class _Parser:
         return self.get(d, key, where, dict, "a dict")
 
     def stat(self, d: dict, key: str, where: str) -> Stat:
-        s = self.mapping(d, key, where)
-        return Stat(self.number(s, "mean", f"{where}[{key!r}]"),
-                    self.number(s, "std", f"{where}[{key!r}]"))
+        s, w = self.mapping(d, key, where), f"{where}[{key!r}]"
+        return Stat(self.number(s, "mean", w), self.number(s, "std", w),
+                    self.number(s, "se", w) if "se" in s else None)
+
+    def interval(self, d: dict, key: str, where: str) -> Interval:
+        i, w = self.mapping(d, key, where), f"{where}[{key!r}]"
+        out = Interval(*(self.number(i, f, w) for f in ("estimate", "low", "high", "confidence")),
+                       resamples=int(self.number(i, "resamples", w)))
+        stored = self.text(i, "verdict", w)
+        if stored != out.verdict:
+            self.fail(f"{w}['verdict']", f"is {stored!r} but the interval [{out.low}, "
+                      f"{out.high}] gives {out.verdict!r}")
+        return out
+
+    def comparisons(self, d: dict, w: str, tasks: tuple[str, ...], methods: dict) -> Comparisons:
+        examples = self.mapping(d, "examples", w)
+        if set(examples) != set(tasks):
+            self.fail(f"{w}['examples']", f"must name every task of results['tasks'] {tasks} "
+                      f"once, got {list(examples)}")
+        rows = self.get(d, "pairs", w, list, "a list of paired comparisons")
+        pairs = []
+        known = set(methods) | {comparisons_lib.EXPERT}  # the experts are measured regardless
+        for i, p in enumerate(rows):
+            pw = f"{w}['pairs'][{i}]"
+            a, b, block = (self.text(p, k, pw) for k in ("a", "b", "block"))
+            for key, name in (("a", a), ("b", b)):
+                if name not in known:
+                    self.fail(f"{pw}[{key!r}]", f"is {name!r}, not a method of "
+                              "results['methods']")
+            if block not in BLOCKS:
+                self.fail(f"{pw}['block']", f"is {block!r}; expected one of {BLOCKS}")
+            per_seed = self.get(p, "per_seed", pw, list, "a list of numbers (one per seed)")
+            values = self.numbers(dict(enumerate(per_seed)), f"{pw}['per_seed']")
+            pairs.append(PairedComparison(a, b, block, self.interval(p, "interval", pw),
+                                          tuple(values.values())))
+        return Comparisons(
+            self.text(d, "statistic", w), int(self.number(d, "resamples", w)),
+            self.number(d, "confidence", w),
+            {t: int(v) for t, v in self.numbers(examples, f"{w}['examples']").items()},
+            tuple(pairs))
 
     def numbers(self, d: dict, where: str) -> dict[str, float]:
         return {k: self.number(d, k, where) for k in d}
@@ -303,8 +417,11 @@ class _Parser:
             rows = {}
             for k, m in self.mapping(f, "methods", fw).items():
                 mw = f"{fw}['methods'][{k!r}]"
-                rows[k] = ForgettingRow(self.text(m, "label", mw), self.stat(m, "drop_a", mw),
-                                        self.stat(m, "gain_b", mw))
+                rows[k] = ForgettingRow(
+                    self.text(m, "label", mw), self.stat(m, "drop_a", mw),
+                    self.stat(m, "gain_b", mw),
+                    *(self.interval(m, f, mw) if f in m else None
+                      for f in ("drop_a_interval", "gain_b_interval")))
             out["forgetting"] = Forgetting(tuple(pair), rows)
         if "overlap" in data:
             o, ow = self.mapping(data, "overlap", w), f"{w}['overlap']"
@@ -329,6 +446,9 @@ class _Parser:
             t, tw = self.mapping(data, "timings", w), f"{w}['timings']"
             out["timings"] = Timings(self.number(t, "total_s", tw),
                                      self.numbers(self.mapping(t, "stages", tw), f"{tw}['stages']"))
+        if "comparisons" in data:
+            out["comparisons"] = self.comparisons(self.mapping(data, "comparisons", w),
+                                                  f"{w}['comparisons']", tasks, out["methods"])
         return Results(**out)
 
 
@@ -357,13 +477,61 @@ def _method(label, block, budget, per_seed_scores: dict, experts: dict, chance,
                      per_seed=per_seed)
 
 
+def comparison_pairs(methods: dict[str, MethodRow]) -> list[tuple[str, str, str]]:
+    """``(a, b, block)`` of every comparison the report states, in report order: CPI-FT minus
+    each other scored main method, each ablation minus CPI-FT, each merge-only operator minus
+    CPI-FT and minus the single-task experts (the experts are measured on every run, so that
+    pair exists even without a ``single_task`` row)."""
+    scored = {k for k, m in methods.items() if m.applicable}
+    cpift = "cpift" in scored
+    out = [("cpift", k, "main") for k in _methods_in(methods, "main")
+           if cpift and k != "cpift" and k in scored]
+    out += [(k, "cpift", "ablation") for k in _methods_in(methods, "ablation")
+            if cpift and k in scored]
+    for k in _methods_in(methods, "merge_only"):
+        if k in scored:
+            out += [(k, "cpift", "merge_only")] if cpift else []
+            out.append((k, comparisons_lib.EXPERT, "merge_only"))
+    return out
+
+
+def _with_statistics(config, wd, tasks, floors, rows: dict[str, MethodRow], *, resamples,
+                     confidence, seed) -> tuple[dict[str, MethodRow], Comparisons]:
+    """``rows`` with standard errors, and the comparisons of ``comparison_pairs``."""
+    expert = comparisons_lib.EXPERT
+    keys = list(dict.fromkeys([expert, *(k for k, m in rows.items() if m.applicable)]))
+    samples = comparisons_lib.per_example(wd, config, tasks, keys)
+    pairs = comparison_pairs(rows)
+    analysis = comparisons_lib.analyse(samples, keys, floors, [(a, b) for a, b, _ in pairs],
+                                       resamples=resamples, confidence=confidence, seed=seed)
+    with_se = {}
+    for k, m in rows.items():
+        if m.applicable:
+            errors = analysis.standard_errors[k]
+            per_task = {t: dataclasses.replace(s, se=errors[t]) for t, s in m.per_task.items()}
+            m = dataclasses.replace(
+                m, per_task=per_task,
+                avg_normalized=dataclasses.replace(m.avg_normalized,
+                                                   se=analysis.normalised_errors[k]))
+        with_se[k] = m
+    found = Comparisons(COMPARISON_STATISTIC, int(resamples), float(confidence),
+                        {t: int(samples[t].shape[1]) for t in tasks},
+                        tuple(PairedComparison(a, b, block, analysis.intervals[(a, b)],
+                                               analysis.per_seed[(a, b)])
+                              for a, b, block in pairs))
+    return with_se, found
+
+
 def collect(config, wd, tasks, chance, *, labels, budgets, ablations,
             forgetting_labels, normalization: str = NORMALIZATION,
-            metrics: dict[str, str] | None = None) -> Results:
+            metrics: dict[str, str] | None = None, resamples: int = 2000,
+            confidence: float = 0.95, bootstrap_seed: int = 0) -> Results:
     """The ``Results`` (no timings) from the completed stages of ``wd`` (a Workdir).
 
     A merge-only stage whose result is ``{"status": "not_applicable", "reason": ...}`` on any
-    seed gives a not-applicable row with that reason."""
+    seed gives a not-applicable row with that reason. ``resamples``, ``confidence`` and
+    ``bootstrap_seed`` set the paired bootstrap (module doc); every scored stage must hold
+    per-example values (``comparisons.per_example`` names a stage that does not)."""
     seeds = tuple(int(s) for s in config.seeds)
     tasks = tuple(tasks)
 
@@ -399,15 +567,22 @@ def collect(config, wd, tasks, chance, *, labels, budgets, ablations,
                 continue
             add(key, label, "merge_only", budget, lambda s, key=key: result(s, key)["per_task"])
 
+    floors = {t: float(chance[t]) for t in tasks}
+    bootstrap = dict(resamples=resamples, confidence=confidence, seed=bootstrap_seed)
+    rows, found = _with_statistics(config, wd, tasks, floors, rows, **bootstrap)
     # The config as JSON holds it (tuples as lists), so a saved and reloaded Results is equal.
-    out = dict(config=json.loads(json.dumps(config.to_dict())), core_fraction=float(config.cpift.p), seeds=seeds,
-               tasks=tasks, chance={t: float(chance[t]) for t in tasks},
-               normalization=normalization, methods=rows, metrics=metrics)
+    out = dict(config=json.loads(json.dumps(config.to_dict())),
+               core_fraction=float(config.cpift.p), seeds=seeds, tasks=tasks, chance=floors,
+               normalization=normalization, methods=rows, metrics=metrics, comparisons=found)
     if config.forgetting.enabled:
         per = {s: result(s, "forgetting") for s in seeds}
-        out["forgetting"] = Forgetting(tuple(config.forgetting.pair), {
+        pair = tuple(config.forgetting.pair)
+        intervals = comparisons_lib.forgetting_intervals(wd, seeds, pair, list(forgetting_labels),
+                                                         **bootstrap)
+        out["forgetting"] = Forgetting(pair, {
             k: ForgettingRow(lab, stat([per[s][k]["drop_a"] for s in seeds]),
-                             stat([per[s][k]["gain_b"] for s in seeds]))
+                             stat([per[s][k]["gain_b"] for s in seeds]),
+                             intervals[k]["drop_a"], intervals[k]["gain_b"])
             for k, lab in forgetting_labels.items()})
     if wd.done(f"seed{seeds[0]}/clusters"):
         mats = [np.asarray(result(s, "clusters")["overlap"], float) for s in seeds]

@@ -14,7 +14,10 @@ experts (the benchmark's probes, ``steps_per_task`` steps from ``theta_0`` on A 
   are forced into separate stages whatever their overlap, so the experiment is sequential.
 
 Reported per method: ``drop_a = acc_A(theta_AB) - acc_A(theta_A)`` (negative = forgotten) and
-``gain_b = acc_B(theta_AB) - acc_B(theta_0)`` (B still learned).
+``gain_b = acc_B(theta_AB) - acc_B(theta_0)`` (B still learned), and the per-example values
+behind them (``per_example``: ``after_a`` and ``after_ab`` on A and B, ``base_b`` on B), from
+which ``cpift_jax.benchmark.comparisons.forgetting_intervals`` draws paired bootstrap intervals
+over seeds and examples.
 """
 
 from __future__ import annotations
@@ -32,19 +35,30 @@ LABELS = {"full_sft": "Full SFT (A -> B)", "multistage": "Multi-stage SFT (A -> 
 
 def run_seed(ctx: methods.Context, experts: Mapping[str, Any], pair: tuple[str, str],
              cpift_cfg, replay: float, steps: int, cores: Sequence[Any] | None = None) -> dict:
-    """``{method: {"drop_a", "gain_b", "acc": {...}}}`` for one seed (module docstring).
-    ``cores``: ``[C_A, C_B]`` if already computed with ``cpift_cfg`` (else computed here)."""
+    """``{method: {"drop_a", "gain_b", "acc": {...}, "per_example": {...}}}`` for one seed
+    (module docstring). ``cores``: ``[C_A, C_B]`` if already computed with ``cpift_cfg`` (else
+    computed here)."""
     a, b = pair
-    base_b = methods.evaluate(ctx, ctx.base, [b])[b]
+    base_b = methods.evaluate_examples(ctx, ctx.base, [b])[b]
     out = {}
 
-    def record(key, acc_a, theta_ab):
-        acc_ab = methods.evaluate(ctx, theta_ab, [a, b])
-        out[key] = {"drop_a": acc_ab[a] - acc_a[a], "gain_b": acc_ab[b] - base_b,
-                    "acc": {"after_a": acc_a, "after_ab": acc_ab, "base_b": base_b}}
+    def scores(detailed):
+        return {t: s.score for t, s in detailed.items()}
+
+    def values(detailed):
+        return {t: list(s.per_example) for t, s in detailed.items()}
+
+    def record(key, after_a, theta_ab):
+        after_ab = methods.evaluate_examples(ctx, theta_ab, [a, b])
+        out[key] = {"drop_a": after_ab[a].score - after_a[a].score,
+                    "gain_b": after_ab[b].score - base_b.score,
+                    "acc": {"after_a": scores(after_a), "after_ab": scores(after_ab),
+                            "base_b": base_b.score},
+                    "per_example": {"after_a": values(after_a), "after_ab": values(after_ab),
+                                    "base_b": list(base_b.per_example)}}
 
     theta_a = experts[a]
-    acc_expert_a = methods.evaluate(ctx, theta_a, [a, b])  # full and multi-stage start here
+    acc_expert_a = methods.evaluate_examples(ctx, theta_a, [a, b])  # full and multi-stage start
     full = methods.train_on(ctx, theta_a, {b: 1.0}, steps, stream=500, name="forget_full")
     record("full_sft", acc_expert_a, full)
     weights = methods.stage_weights(ctx, [b], [a], replay)
@@ -58,5 +72,5 @@ def run_seed(ctx: methods.Context, experts: Mapping[str, Any], pair: tuple[str, 
     frozen = cores[0] if cpift_cfg.freeze else None
     stage2 = methods.train_on(ctx, stage1, weights, steps, frozen=frozen, stream=503,
                               name="forget_cpift1")
-    record("cpift", methods.evaluate(ctx, stage1, [a, b]), stage2)
+    record("cpift", methods.evaluate_examples(ctx, stage1, [a, b]), stage2)
     return out

@@ -9,6 +9,9 @@ the section it draws when that section is absent (not run).
 - ``overlap_heatmap``: the Jaccard matrix of the tasks' core regions, values annotated.
 - ``core_density``: per task, the share of core entries by layer and by parameter kind; a
   uniform spread would put every bar at the core fraction p, drawn as a reference line.
+- ``paired_differences``: a forest plot, one row per paired comparison (``Results.comparisons``):
+  the difference of the normalised average as a dot, its bootstrap interval as a bar, coloured
+  by the verdict, with the zero line (an undefined interval: the dot only).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy as np
 
 from cpift_jax.benchmark.aggregate import Results, Stat
 
-__all__ = ["scores_by_method", "overlap_heatmap", "core_density"]
+__all__ = ["scores_by_method", "overlap_heatmap", "core_density", "paired_differences"]
 
 _DPI = 100
 
@@ -157,4 +160,43 @@ def core_density(results: Results, path: str | os.PathLike) -> str:
                    label=f"core fraction p = {p * 100:g}%")
         ax.set_title(f"Core density {title} (seed 0)")
     _legend_below(fig, axes[1, 0])
+    return _save(fig, path)
+
+
+_VERDICT_COLOURS = {"better": "tab:green", "worse": "tab:red", "not distinguishable": "tab:grey",
+                    "undefined": "black"}
+
+
+def paired_differences(results: Results, path: str | os.PathLike) -> str:
+    """Forest plot of the paired comparisons: difference (A - B) and interval per row, the
+    report's order top to bottom."""
+    found = results.comparisons
+    if found is None or not found.pairs:
+        raise ValueError("results has no 'comparisons' section (or no pair in it); "
+                         "nothing to plot")
+    pairs = found.pairs
+
+    def label(key):
+        return results.methods[key].label if key in results.methods else (
+            "Single-task experts" if key == "single_task" else key)
+
+    fig, axes = _figure(9.0, max(2.5, 1.2 + 0.35 * len(pairs)))
+    ax = axes[0, 0]
+    y = np.arange(len(pairs))[::-1]  # first pair on top
+    for yi, pair in zip(y, pairs):
+        i, colour = pair.interval, _VERDICT_COLOURS[pair.verdict]
+        if pair.verdict != "undefined":
+            ax.hlines(yi, i.low, i.high, color=colour, linewidth=2)
+        ax.plot([i.estimate], [yi], "o", color=colour)
+    for verdict, colour in _VERDICT_COLOURS.items():
+        if any(p.verdict == verdict for p in pairs):
+            ax.plot([], [], "o-", color=colour, label=verdict)
+    ax.axvline(0.0, color="k", linestyle="--", linewidth=1)
+    ax.set_yticks(y, [f"{label(p.a)} − {label(p.b)}" for p in pairs], fontsize="small")
+    ax.set_xlabel("difference of the normalised average (A − B)")
+    confidence = pairs[0].interval.confidence
+    ax.set_title(f"Paired differences, {confidence:.0%} bootstrap intervals over "
+                 f"{len(results.seeds)} seeds and the held-out examples")
+    ax.grid(axis="x", alpha=0.3)
+    _legend_below(fig, ax)
     return _save(fig, path)

@@ -5,13 +5,20 @@ also draws the plots (``cpift_jax.benchmark.plots``) under ``workdir/plots/`` an
 ``rerender(workdir)`` does both from a workdir's ``results.json`` (``Results.load``) without
 rerunning anything.
 
-Sections, in order: the verdict (CPI-FT vs full multi-task SFT on the normalised average), the
-main table shaped like Table 1 of arXiv 2508.21741 (tasks, then "Avg. norm.", then the stated
-budget; the best method per column in bold, the single-task experts excluded as they are the
-reference), the ablation and merge-only blocks with the same columns, the forgetting table shaped
-like the paper's Table 2, core overlap and groups per seed, core density, and the set-up
-(normalisation, seeds, chance levels, timings, config). A section whose data is absent says
-"(not run)"; a method that does not apply to the setting shows "n/a (<reason>)".
+Sections, in order: the verdict (CPI-FT vs full multi-task SFT on the normalised average, worded
+from the paired bootstrap interval of their difference: better than / worse than / not
+distinguishable from), the main table shaped like Table 1 of arXiv 2508.21741 (tasks, then "Avg.
+norm.", then the stated budget; the best method per column in bold, the single-task experts
+excluded as they are the reference), the ablation and merge-only blocks with the same columns,
+the paired comparisons (every pair of ``aggregate.comparison_pairs``: difference, interval,
+verdict, per-seed values; forest plot), the forgetting table shaped like the paper's Table 2,
+core overlap and groups per seed, core density, and the set-up (normalisation, seeds, chance
+levels, timings, config). A section whose data is absent says "(not run)"; a method that does not
+apply to the setting shows "n/a (<reason>)".
+
+Score cells are ``mean ± standard error`` (over seeds and held-out examples, ``Stat.se``) when
+every scored row has standard errors, else ``mean ± std over seeds`` (a results.json written
+before standard errors existed); the note under each table says which.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ import os
 from pathlib import Path
 
 from cpift_jax.benchmark import console
-from cpift_jax.benchmark.aggregate import BLOCKS, MIN_EXPERT_GAP, MethodRow, Results, Stat
+from cpift_jax.benchmark.aggregate import (BLOCKS, MIN_EXPERT_GAP, MethodRow, PairedComparison,
+                                            Results, Stat)
+from cpift_jax.benchmark.statistics import Interval
 
 __all__ = ["NOT_RUN", "RESULTS_FILE", "REPORT_FILE", "render_markdown", "write", "rerender",
            "verdict"]
@@ -36,7 +45,13 @@ _BLOCK_TITLES = {"main": "Main methods (shaped like Table 1 of the paper)",
 _PLOT_TITLES = {"scores_main": "Per-task scores, main methods",
                 "scores_ablation": "Per-task scores, ablations",
                 "scores_merge_only": "Per-task scores, merge only",
-                "overlap": "Core overlap (Jaccard)", "core_density": "Core density"}
+                "overlap": "Core overlap (Jaccard)", "core_density": "Core density",
+                "paired_differences": "Paired differences of the normalised average"}
+_VERDICT_WORDS = {"better": "better than", "worse": "worse than",
+                  "not distinguishable": "not distinguishable from"}
+_REFERENCE_LABEL = "Single-task experts"  # a pair's label when the experts have no row
+_RERUN = ("rerun the results stage: delete <workdir>/results/DONE.json and run the pipeline "
+          "again on the same workdir (nothing else is recomputed)")
 # What the paper reports on LLaMA-2-7B (arXiv 2508.21741, Tables 1-2): for the shape of the
 # result only; the toy suite's numbers are not comparable.
 _PAPER_TABLE1 = ("Paper, LLaMA-2-7B (avg. normalised, its own formula): full multi-task SFT "
@@ -47,15 +62,58 @@ _PAPER_TABLE2 = ("Paper, LLaMA-2-7B: drop on A / gain on B = -24.5 / +13.4 (full
 
 # ----------------------------------------------------------------------------- formatting
 
-def _fmt(stat: Stat | None, scale: float, decimals: int, sign: bool = False) -> str:
-    """``mean ± std`` times ``scale``; "n/a" for a missing or NaN mean."""
+def _fmt(stat: Stat | None, scale: float, decimals: int, sign: bool = False,
+         spread: str = "std") -> str:
+    """``mean ± std`` (or ``± se`` with ``spread="se"``) times ``scale``; "n/a" for a missing or
+    NaN mean."""
     if stat is None or math.isnan(stat.mean):
         return "n/a"
     mean = f"{stat.mean * scale:{'+' if sign else ''}.{decimals}f}"
-    if math.isnan(stat.std):
+    width = getattr(stat, spread)
+    if width is None or math.isnan(width):
         return mean
-    return f"{mean} ± {stat.std * scale:.{decimals}f}"
+    return f"{mean} ± {width * scale:.{decimals}f}"
 
+
+def _spread(results: Results) -> str:
+    """``"se"`` when every scored row's per-task scores and average have standard errors."""
+    stats = [s for m in results.methods.values() if m.applicable
+             for s in [*m.per_task.values(), m.avg_normalized]]
+    return "se" if stats and all(s.se is not None for s in stats) else "std"
+
+
+def _signed(x: float, decimals: int = 2) -> str:
+    return "n/a" if math.isnan(x) else f"{x:+.{decimals}f}"
+
+
+def _ci(interval: Interval, scale: float = 1.0, decimals: int = 2) -> str:
+    """``[low, high]`` with signs; "undefined" when an end is NaN."""
+    if interval.verdict == "undefined":
+        return "undefined"
+    return (f"[{_signed(interval.low * scale, decimals)}, "
+            f"{_signed(interval.high * scale, decimals)}]")
+
+
+def _label(results: Results, key: str) -> str:
+    if key in results.methods:
+        return results.methods[key].label
+    return _REFERENCE_LABEL if key == REFERENCE_METHOD else key
+
+
+def _mid_sentence(label: str) -> str:
+    """``label`` inside a sentence: "Full multi-task SFT" -> "full multi-task SFT"; a label
+    starting with an acronym ("CPI-FT", "TIES") is kept."""
+    return label[0].lower() + label[1:] if label[1:2].islower() else label
+
+
+def _sample_size(results: Results) -> str:
+    """"5 seeds x 500 examples" (a range when the tasks' test sets differ in size)."""
+    seeds = len(results.seeds)
+    counts = sorted(set(results.comparisons.examples.values())) if results.comparisons else []
+    examples = (f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+                if counts else "?")
+    per_task = " per task" if len(results.tasks) > 1 else ""
+    return f"{seeds} seed{'s' if seeds != 1 else ''} x {examples} examples{per_task}"
 
 def _rounded_mean(stat: Stat | None, scale: float, decimals: int) -> float | None:
     if stat is None or math.isnan(stat.mean):
@@ -97,6 +155,7 @@ def _methods_table(results: Results, block: str) -> str:
     candidates = [k for k in scored if k != REFERENCE_METHOD]
     columns = [(t, lambda m, t=t: m.per_task[t], 100.0, 1) for t in tasks]
     columns.append(("Avg. norm.", lambda m: m.avg_normalized, 1.0, 2))
+    spread = _spread(results)
     # A method that does not apply: its reason in the first score column, dashes after it.
     cells = {k: [f"n/a ({methods[k].reason})"] + ["–"] * (len(columns) - 1)
              for k in keys if k not in scored}
@@ -104,14 +163,18 @@ def _methods_table(results: Results, block: str) -> str:
     for _, get, scale, decimals in columns:
         bold = _bold_rows({k: get(methods[k]) for k in candidates}, scale, decimals)
         for k in scored:
-            cell = _fmt(get(methods[k]), scale, decimals)
+            cell = _fmt(get(methods[k]), scale, decimals, spread=spread)
             cells[k].append(f"**{cell}**" if k in bold else cell)
     rows = [[methods[k].label] + cells[k] + [methods[k].budget] for k in keys]
     header = ["Method"] + [name for name, *_ in columns] + ["Budget"]
     metrics = results.metrics or {}
     measured = ("exact match" if not metrics else
                 "; ".join(f"{t}: {metrics[t]}" for t in results.tasks if t in metrics))
-    note = (f"Task scores in % ({measured}), mean ± std over {len(results.seeds)} seeds; Avg. "
+    n_seeds = f"{len(results.seeds)} seed{'s' if len(results.seeds) != 1 else ''}"
+    spread_note = (f"mean over {n_seeds} ± standard error (over seeds and "
+                   "held-out examples: two-level bootstrap)" if spread == "se" else
+                   f"mean ± std over {n_seeds}")
+    note = (f"Task scores in % ({measured}), {spread_note}; Avg. "
             "norm.: see Set-up. Bold: best per column" +
             (f" ({methods[REFERENCE_METHOD].label} excluded: it is the reference)."
              if REFERENCE_METHOD in keys else "."))
@@ -119,32 +182,29 @@ def _methods_table(results: Results, block: str) -> str:
 
 
 def verdict(results: Results) -> str:
-    """One line comparing CPI-FT with full multi-task SFT on the normalised average."""
+    """One line: CPI-FT vs full multi-task SFT on the normalised average, worded from the
+    paired bootstrap interval of the difference (``Results.comparisons``)."""
     methods = results.methods
     if "cpift" not in methods or "multitask_sft" not in methods:
         return f"{NOT_RUN}: needs both 'cpift' and 'multitask_sft' in methods"
     c, m = methods["cpift"], methods["multitask_sft"]
-    cs, ms = c.avg_normalized, m.avg_normalized
-    undefined = [k for k, s in (("cpift", cs), ("multitask_sft", ms))
-                 if _rounded_mean(s, 1, 9) is None]
-    if undefined:
-        return (f"no verdict: the normalised average of {' and '.join(map(repr, undefined))} is "
-                f"undefined (NaN: on some seed no task's expert beat its floor (chance or the base "
-                f"model) by {MIN_EXPERT_GAP}; "
-                "see Set-up)")
-    c_name, m_name = c.label, m.label
-    diff = cs.mean - ms.mean
-    head = f"{c_name} avg {_fmt(cs, 1, 2)} vs {m_name} {_fmt(ms, 1, 2)}: "
-    if round(abs(diff), 2) == 0:
-        line = head + f"{c_name} and {m_name} are level (difference below 0.005)"
-    else:
-        line = head + f"{c_name} is {'higher' if diff > 0 else 'lower'} by {abs(diff):.2f}"
-        stds = [s.std for s in (cs, ms) if not math.isnan(s.std)]
-        if stds and abs(diff) <= max(stds):
-            line += " (within one std over seeds)"
+    pair = results.comparisons.find("cpift", "multitask_sft") if results.comparisons else None
+    if pair is None:
+        return ("no verdict: this results.json has no paired comparison of 'cpift' and "
+                f"'multitask_sft' (written before paired statistics existed); {_RERUN}")
+    interval = pair.interval
+    if pair.verdict == "undefined":
+        return (f"no verdict: the difference of the normalised averages of 'cpift' and "
+                f"'multitask_sft' or its interval is undefined (NaN: on some seed or bootstrap "
+                f"replicate no task's expert beat its floor (chance or the base model) by "
+                f"{MIN_EXPERT_GAP}; see Set-up)")
+    line = (f"{c.label} is {_VERDICT_WORDS[pair.verdict]} {_mid_sentence(m.label)} on the "
+            f"normalised average: difference {_signed(interval.estimate)} "
+            f"[{interval.confidence:.0%} CI {_signed(interval.low)}, {_signed(interval.high)}], "
+            f"{_sample_size(results)}")
     wins = _seed_wins(c, m)
     if wins is not None:
-        line += f"; {c_name} is higher on {wins[0]} of {wins[1]} seeds"
+        line += f"; {c.label} is higher on {wins[0]} of {wins[1]} seeds"
     return line + "."
 
 
@@ -158,22 +218,54 @@ def _seed_wins(a: MethodRow, b: MethodRow) -> tuple[int, int] | None:
     return sum(sa[s] > sb[s] for s in common), len(common)
 
 
+def _paired_comparisons(results: Results) -> str:
+    found = results.comparisons
+    if found is None:
+        return f"{NOT_RUN}: this results.json predates paired statistics; {_RERUN}"
+    if not found.pairs:
+        return f"{NOT_RUN}: no pair to compare (needs CPI-FT or a merge-only operator)"
+
+    def row(p: PairedComparison) -> list[str]:
+        return [f"{_label(results, p.a)} − {_label(results, p.b)}",
+                _signed(p.interval.estimate), _ci(p.interval), p.verdict,
+                ", ".join(_signed(v) for v in p.per_seed)]
+
+    confidence = f"{found.pairs[0].interval.confidence:.0%}"
+    table = _table(["Comparison (A − B)", "Difference", f"{confidence} CI", "Verdict",
+                    "Per seed"], [row(p) for p in found.pairs], text_columns=(0, 3, 4))
+    return (table + "\n\n" + f"Difference: {found.statistic}. {found.resamples} bootstrap "
+            f"resamples; {_sample_size(results)}; per seed: A − B on each seed "
+            f"({', '.join(map(str, results.seeds))}).")
+
+
 def _forgetting(results: Results) -> str:
     forgetting = results.forgetting
     if forgetting is None or not forgetting.methods:
         return NOT_RUN
     a, b = forgetting.pair
     methods = forgetting.methods
+    with_ci = all(m.drop_a_interval is not None and m.gain_b_interval is not None
+                  for m in methods.values())
     rows = {k: [m.label] for k, m in methods.items()}
     for field in ("drop_a", "gain_b"):
         # Largest is best in both columns: a drop nearer zero, a larger gain.
         bold = _bold_rows({k: getattr(m, field) for k, m in methods.items()}, 100.0, 1)
         for k, m in methods.items():
-            cell = _fmt(getattr(m, field), 100.0, 1, sign=True)
+            if with_ci:
+                cell = (f"{_fmt(Stat(getattr(m, field).mean, math.nan), 100.0, 1, sign=True)} "
+                        f"{_ci(getattr(m, field + '_interval'), 100.0, 1)}")
+            else:
+                cell = _fmt(getattr(m, field), 100.0, 1, sign=True)
             rows[k].append(f"**{cell}**" if k in bold else cell)
     table = _table(["Method", f"Drop on A ({a})", f"Gain on B ({b})"], list(rows.values()))
+    if with_ci:
+        interval = next(iter(methods.values())).drop_a_interval
+        spread = (f"mean over seeds [{interval.confidence:.0%} CI: paired two-level bootstrap "
+                  f"over seeds and held-out examples, {interval.resamples} resamples]")
+    else:
+        spread = "mean ± std over seeds"
     return (f"Sequential training A → B with A = {a}, B = {b}.\n\n" + table + "\n\n"
-            "Percentage points, mean ± std over seeds. Drop on A: score on A after A → B minus "
+            f"Percentage points, {spread}. Drop on A: score on A after A → B minus "
             "score on A after training on A alone (negative = forgotten). Gain on B: score on B "
             "after A → B minus the base model's score on B. Bold: best per column.\n\n"
             + _PAPER_TABLE2)
@@ -252,7 +344,8 @@ def _setup(results: Results) -> str:
 
 def render_markdown(results: Results, plots: dict[str, str] | None = None) -> str:
     """The whole report as markdown. ``plots`` maps plot names (``scores_main``, ``overlap``,
-    ``core_density``, ...) to paths relative to the markdown file; absent plots are not linked."""
+    ``core_density``, ``paired_differences``, ...) to paths relative to the markdown file;
+    absent plots are not linked."""
     plots = plots or {}
 
     def image(name: str) -> str:
@@ -268,6 +361,8 @@ def render_markdown(results: Results, plots: dict[str, str] | None = None) -> st
         if block == "main" and body != NOT_RUN:
             body += "\n\n" + _PAPER_TABLE1
         out += ["", f"## {_BLOCK_TITLES[block]}", "", body + image(f"scores_{block}")]
+    out += ["", "## Paired comparisons", "",
+            _paired_comparisons(results) + image("paired_differences")]
     out += ["", "## Forgetting (shaped like Table 2 of the paper)", "", _forgetting(results),
             "", "## Core overlap and groups", "", _overlap_and_groups(results) + image("overlap"),
             "", "## Core density", "", _core_density(results) + image("core_density"),
@@ -299,6 +394,9 @@ def write(workdir: str | os.PathLike, results: Results) -> list[str]:
     if results.core_density:
         drawn["core_density"] = root / "plots" / "core_density.png"
         plots_lib.core_density(results, drawn["core_density"])
+    if results.comparisons is not None and results.comparisons.pairs:
+        drawn["paired_differences"] = root / "plots" / "paired_differences.png"
+        plots_lib.paired_differences(results, drawn["paired_differences"])
     links = {name: path.relative_to(root).as_posix() for name, path in drawn.items()}
     markdown = render_markdown(results, links)
     _write_text(root / REPORT_FILE, markdown)

@@ -7,30 +7,46 @@ each method on its own.
 
 Data: per task ``t``, a 0/1 (or any per-example score) array ``x[t]`` of shape
 ``[seeds, examples_t, methods]``, the same examples for every method of a seed. A statistic maps
-the per-task, per-seed, per-method means ``m[t]`` (``[seeds, methods]``) to one number, e.g. the
-mean over seeds of method ``i`` minus method ``j`` (``difference_of_means``) or of their
-normalised averages ``mean_t (m[t, s, i] - c_t) / (m[t, s, e] - c_t)`` against the expert ``e``
-(``difference_of_normalised``).
+the per-task, per-seed, per-method means ``m[t]`` (``[..., seeds, methods]``; the leading axes
+are bootstrap replicates) to one number per replicate, e.g. the mean over seeds of method ``i``
+minus method ``j`` (``difference_of_means``) or of their normalised averages
+``mean_t (m[t, s, i] - c_t) / (m[t, s, e] - c_t)`` against the expert ``e``
+(``difference_of_normalised``, the same rule as the report's normalisation: a (seed, task) whose
+expert is less than ``MIN_EXPERT_GAP`` above the floor ``c_t`` is left out).
 
 Two-level bootstrap (Davison & Hinkley 1997, Sec. 3.8): each of ``resamples`` replicates draws
 ``S`` seeds with replacement (the same seeds for every task, since a seed is one run of the whole
 benchmark), then, for each drawn seed and task, ``N_t`` examples with replacement (the same
 examples for every method: paired). The interval is the percentile interval of the statistic
 over the replicates; the verdict is read from it: *better* when its lower end is above 0,
-*worse* when its upper end is below 0, else *not distinguishable*.
+*worse* when its upper end is below 0, else *not distinguishable*. A replicate whose statistic is
+not finite (e.g. every expert drawn at chance) leaves the interval undefined (NaN, verdict
+``"undefined"``) rather than silently dropping it.
+
+Vectorised: an example draw is stored as per-example counts (``bincount`` of the drawn indices),
+so a replicate's means are one matrix product per seed; 2000 replicates over 5 seeds x 500
+examples x 5 tasks take about 0.2 s on one CPU core (``resampled_means``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["Interval", "bootstrap", "difference_of_means", "difference_of_normalised",
-           "verdict", "standard_error"]
+__all__ = ["MIN_EXPERT_GAP", "Interval", "bootstrap", "bootstrap_many", "resampled_means",
+           "means", "percentile_interval", "difference_of_means", "difference_of_normalised",
+           "normalised", "verdict", "standard_error", "bootstrap_standard_error"]
 
-Statistic = Callable[[Mapping[str, np.ndarray]], float]
+# A (seed, task) whose expert is less than this above the floor carries no signal and is left
+# out of a normalised average (aggregate.NORMALIZATION states the same rule).
+MIN_EXPERT_GAP = 0.05
+
+# task -> [..., seeds, methods] means -> [...] values (one per leading index)
+Statistic = Callable[[Mapping[str, np.ndarray]], np.ndarray]
+
+_BLOCK_ELEMENTS = 1 << 17  # drawn example indices per block: small blocks stay in cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +68,8 @@ class Interval:
 
 
 def verdict(low: float, high: float) -> str:
-    """``"better"`` (interval above 0), ``"worse"`` (below 0) or ``"not distinguishable"``."""
+    """``"better"`` (interval above 0), ``"worse"`` (below 0) or ``"not distinguishable"``;
+    ``"undefined"`` when an end is not finite."""
     if not (np.isfinite(low) and np.isfinite(high)):
         return "undefined"
     if low > 0:
@@ -77,8 +94,68 @@ def _check(samples: Mapping[str, np.ndarray]) -> tuple[int, int]:
     return seeds.pop(), methods.pop()
 
 
-def _means(samples: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def means(samples: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """task -> ``[seeds, methods]`` means over the examples (the observed data's means)."""
+    _check(samples)
     return {t: np.asarray(x, np.float64).mean(axis=1) for t, x in samples.items()}
+
+
+def resampled_means(samples: Mapping[str, np.ndarray], resamples: int,
+                    seed: int = 0) -> dict[str, np.ndarray]:
+    """task -> ``[resamples, seeds, methods]``: the means of each two-level bootstrap replicate
+    (module doc). Slot ``k`` of replicate ``r`` holds drawn seed ``drawn[r, k]`` with its own
+    draw of examples, shared by every method. A pure function of its inputs."""
+    n_seeds, n_methods = _check(samples)
+    if resamples < 1:
+        raise ValueError(f"need resamples >= 1, got {resamples}")
+    rng = np.random.default_rng(seed)
+    drawn = rng.integers(0, n_seeds, (resamples, n_seeds))  # the same seeds for every task
+    out = {}
+    for task, x in samples.items():
+        x = np.asarray(x, np.float64)
+        n = x.shape[1]
+        result = np.empty((resamples * n_seeds, n_methods))
+        block = max(1, _BLOCK_ELEMENTS // n)  # (replicate, slot) rows per block
+        flat_seeds = drawn.ravel()
+        for start in range(0, resamples * n_seeds, block):
+            stop = min(start + block, resamples * n_seeds)
+            rows = stop - start
+            picks = rng.integers(0, n, (rows, n))
+            picks += np.arange(rows)[:, None] * n  # row-wise offsets: one bincount for all
+            counts = np.bincount(picks.ravel(), minlength=rows * n).reshape(rows, n)
+            counts = counts.astype(np.float64)
+            for s in range(n_seeds):
+                chosen = np.flatnonzero(flat_seeds[start:stop] == s)
+                if chosen.size:
+                    result[start + chosen] = counts[chosen] @ x[s]
+        out[task] = (result / n).reshape(resamples, n_seeds, n_methods)
+    return out
+
+
+def percentile_interval(estimate: float, values: np.ndarray, confidence: float) -> Interval:
+    """The percentile interval of the replicate ``values`` (NaN ends if any is not finite)."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"need 0 < confidence < 1, got {confidence}")
+    values = np.asarray(values, np.float64)
+    alpha = (1 - confidence) / 2
+    if np.all(np.isfinite(values)):
+        low, high = np.quantile(values, [alpha, 1 - alpha])
+    else:  # a replicate with no defined value: no interval
+        low = high = np.nan
+    return Interval(estimate=float(estimate), low=float(low), high=float(high),
+                    confidence=float(confidence), resamples=int(values.size))
+
+
+def bootstrap_many(samples: Mapping[str, np.ndarray], statistics: Mapping[Hashable, Statistic],
+                   *, resamples: int = 2000, confidence: float = 0.95,
+                   seed: int = 0) -> dict[Hashable, Interval]:
+    """``bootstrap`` of several statistics on the same replicates (one resampling for all)."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"need 0 < confidence < 1, got {confidence}")
+    observed = means(samples)
+    replicates = resampled_means(samples, resamples, seed)
+    return {key: percentile_interval(float(fn(observed)), fn(replicates), confidence)
+            for key, fn in statistics.items()}
 
 
 def bootstrap(samples: Mapping[str, np.ndarray], statistic: Statistic, *,
@@ -87,54 +164,46 @@ def bootstrap(samples: Mapping[str, np.ndarray], statistic: Statistic, *,
 
     Args:
       samples: task -> ``[seeds, examples, methods]`` per-example scores.
-      statistic: task -> ``[seeds, methods]`` means -> float.
+      statistic: task -> ``[..., seeds, methods]`` means -> ``[...]`` values.
       resamples, confidence, seed: replicates, interval level, and the generator's seed (the
         interval is a pure function of the inputs).
     """
-    n_seeds, _ = _check(samples)
-    if resamples < 1 or not 0 < confidence < 1:
-        raise ValueError(f"need resamples >= 1 and 0 < confidence < 1, got {resamples}, "
-                         f"{confidence}")
-    rng = np.random.default_rng(seed)
-    data = {t: np.asarray(x, np.float64) for t, x in samples.items()}
-    values = np.empty(resamples)
-    for r in range(resamples):
-        seeds = rng.integers(0, n_seeds, n_seeds)
-        means = {}
-        for task, x in data.items():
-            n = x.shape[1]
-            rows = rng.integers(0, n, (n_seeds, n))  # examples per drawn seed, shared by methods
-            means[task] = np.take_along_axis(x[seeds], rows[:, :, None], axis=1).mean(axis=1)
-        values[r] = statistic(means)
-    alpha = (1 - confidence) / 2
-    finite = values[np.isfinite(values)]
-    low, high = (np.quantile(finite, [alpha, 1 - alpha]) if finite.size == resamples
-                 else (np.nan, np.nan))  # a replicate with no defined value: no interval
-    return Interval(estimate=float(statistic(_means(samples))), low=float(low), high=float(high),
-                    confidence=confidence, resamples=resamples)
+    return bootstrap_many(samples, {0: statistic}, resamples=resamples, confidence=confidence,
+                          seed=seed)[0]
 
 
 def difference_of_means(i: int, j: int, tasks: Sequence[str] | None = None) -> Statistic:
     """Mean over seeds and ``tasks`` (default: all) of method ``i``'s score minus ``j``'s."""
 
-    def statistic(means):
-        chosen = list(means) if tasks is None else list(tasks)
-        return float(np.mean([np.mean(means[t][:, i] - means[t][:, j]) for t in chosen]))
+    def statistic(m):
+        chosen = list(m) if tasks is None else list(tasks)
+        return np.mean([(m[t][..., i] - m[t][..., j]).mean(axis=-1) for t in chosen], axis=0)
 
     return statistic
 
 
-def difference_of_normalised(i: int, j: int, expert: int, chance: Mapping[str, float]) -> Statistic:
-    """Mean over seeds of ``norm_i - norm_j`` with ``norm_m = mean_t (m_t - c_t) / (e_t - c_t)``
-    (``e_t`` the expert's score, ``c_t`` the chance level); NaN when an expert is at chance."""
+def normalised(m: Mapping[str, np.ndarray], method: int, expert: int,
+               chance: Mapping[str, float], min_gap: float = MIN_EXPERT_GAP) -> np.ndarray:
+    """``[..., seeds]`` normalised averages of ``method``: per seed, the mean over tasks of
+    ``(m_t - c_t) / (e_t - c_t)`` over the tasks whose expert gap ``e_t - c_t`` is at least
+    ``min_gap`` (and above 0); NaN for a seed with no such task."""
+    tasks = list(m)
+    gaps = np.stack([m[t][..., expert] - chance[t] for t in tasks])
+    kept = (gaps >= min_gap) & (gaps > 0)
+    terms = np.stack([m[t][..., method] - chance[t] for t in tasks])
+    ratios = np.where(kept, terms / np.where(kept, gaps, 1.0), 0.0)
+    count = kept.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, ratios.sum(axis=0) / count, np.nan)
 
-    def statistic(means):
-        gaps = {t: means[t][:, expert] - chance[t] for t in means}
-        if any(np.any(g == 0) for g in gaps.values()):
-            return float("nan")
-        norm = {m: np.mean([(means[t][:, m] - chance[t]) / gaps[t] for t in means], axis=0)
-                for m in (i, j)}
-        return float(np.mean(norm[i] - norm[j]))
+
+def difference_of_normalised(i: int, j: int, expert: int, chance: Mapping[str, float],
+                             min_gap: float = MIN_EXPERT_GAP) -> Statistic:
+    """Mean over seeds of ``norm_i - norm_j`` (``normalised``); NaN when a seed keeps no task."""
+
+    def statistic(m):
+        return (normalised(m, i, expert, chance, min_gap)
+                - normalised(m, j, expert, chance, min_gap)).mean(axis=-1)
 
     return statistic
 
@@ -145,3 +214,13 @@ def standard_error(scores: np.ndarray) -> float:
     if scores.size < 2:
         return float("nan")
     return float(scores.std(ddof=1) / np.sqrt(scores.size))
+
+
+def bootstrap_standard_error(replicates: np.ndarray) -> np.ndarray:
+    """Standard error of the mean over seeds from two-level replicate means
+    ``[resamples, seeds, ...]``: the std (ddof 1) over replicates of the seed mean, so it counts
+    both the seed-to-seed and the finite-test-set variation."""
+    seed_means = np.asarray(replicates, np.float64).mean(axis=1)
+    if seed_means.shape[0] < 2:
+        return np.full(seed_means.shape[1:], np.nan)
+    return seed_means.std(axis=0, ddof=1)
