@@ -19,7 +19,7 @@ Variants:
   (every registry operator on the experts); about 2 more minutes per seed.
 - ``configs/toy.py:sweep``: seeds 0-2, the forgetting pair and the merge-only block, shorter
   budgets, for ``experiments/sweep.py`` (e.g. ``--knob=capacity --values=32,128``; one cell
-  takes about CELL_MIN minutes, docs/cpift_benchmark.md "Sweeps").
+  takes about 70 s with warm caches, docs/cpift_benchmark.md "Sweeps").
 
 The setting: every prompt is the bare payload (``suite.similarity = 1``) with one weak tag
 token naming the task, so the same digits ask for a different answer per task; the model is
