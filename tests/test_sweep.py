@@ -176,10 +176,51 @@ TASKS, CHANCE = ("arith", "logic"), {"arith": 0.1, "logic": 0.05}
 RATES = {"single_task": 0.9, "cpift": 0.8, "multitask_sft": 0.5, "merge_linear": 0.6,
          "merge_ties": 0.3}
 DROPS = {"full_sft": (-0.3, -0.5), "multistage": (-0.2, -0.1), "cpift": (-0.05, -0.02)}
+FORGET_EXAMPLES, NOISY = 200, "multistage"  # NOISY's per-example drops vary; the others' do not
 
 
-def _fabricated_cell(tmp_path, merges=("merge_linear", "merge_ties")):
-    """A finished two-seed cell written by hand: 0/1 per-example scores of known rates."""
+def _forgetting_values(rng, pair):
+    """Per seed and method, what forgetting.run_seed records: scores in [0, 1] after A and
+    after A -> B on both tasks, and the base model's on B. On A, after A -> B is after A plus
+    DROPS[method][seed] on every example, plus N(0, 0.3) noise per example for NOISY."""
+    import numpy as np
+
+    a, b = pair
+    out = {}
+    for s in (0, 1):
+        base_b = rng.random(FORGET_EXAMPLES)
+        for k, d in DROPS.items():
+            after_a = {t: rng.random(FORGET_EXAMPLES) for t in pair}
+            after_ab = {a: after_a[a] + d[s], b: rng.random(FORGET_EXAMPLES)}
+            if k == NOISY:
+                after_ab[a] = after_ab[a] + rng.normal(0.0, 0.3, FORGET_EXAMPLES)
+            out[s, k] = {"after_a": after_a, "after_ab": after_ab, "base_b": base_b}
+    return out
+
+
+def _forgetting_result(forget, s, per_example=True):
+    """The stage result of seed ``s``: drops and gains from the values, and the values."""
+    import numpy as np
+
+    out = {}
+    for k in DROPS:
+        v = forget[s, k]
+        (a, after_ab_a), (b, after_ab_b) = v["after_ab"].items()
+        out[k] = {"drop_a": float(np.mean(after_ab_a) - np.mean(v["after_a"][a])),
+                  "gain_b": float(np.mean(after_ab_b) - np.mean(v["base_b"]))}
+        if per_example:
+            out[k]["per_example"] = {
+                "after_a": {t: x.tolist() for t, x in v["after_a"].items()},
+                "after_ab": {t: x.tolist() for t, x in v["after_ab"].items()},
+                "base_b": v["base_b"].tolist()}
+    return out
+
+
+def _fabricated_cell(tmp_path, merges=("merge_linear", "merge_ties"), forgetting_examples=True):
+    """A finished two-seed cell written by hand: 0/1 per-example scores of known rates, and the
+    forgetting stage of ``_forgetting_values`` (without its per-example values, as an older
+    cpift_jax wrote it, unless ``forgetting_examples``). Returns the cell, the method scores
+    and the forgetting values."""
     import numpy as np
 
     from cpift_jax.training.checkpoints import write_json
@@ -189,6 +230,7 @@ def _fabricated_cell(tmp_path, merges=("merge_linear", "merge_ties")):
     rng = np.random.default_rng(0)
     values = {(s, m, t): (rng.random(40) < RATES[m]).astype(float).tolist()
               for s in (0, 1) for m in RATES for t in TASKS}
+    forget = _forgetting_values(rng, tuple(config.forgetting.pair))
 
     def done(stage, result):
         write_json(tmp_path / stage / "DONE.json", {"result": result, "seconds": 0.0})
@@ -201,7 +243,7 @@ def _fabricated_cell(tmp_path, merges=("merge_linear", "merge_ties")):
         for m in ("cpift", "multitask_sft", *merges):
             done(f"seed{s}/{m}", {"per_task": {t: float(np.mean(values[s, m, t])) for t in TASKS},
                                   "per_example": {t: values[s, m, t] for t in TASKS}})
-        done(f"seed{s}/forgetting", {k: {"drop_a": d[s], "gain_b": 0.1} for k, d in DROPS.items()})
+        done(f"seed{s}/forgetting", _forgetting_result(forget, s, forgetting_examples))
 
     def method(m, block="main"):
         score = float(np.mean([np.mean(values[s, m, t]) for s in (0, 1) for t in TASKS]))
@@ -214,7 +256,7 @@ def _fabricated_cell(tmp_path, merges=("merge_linear", "merge_ties")):
     results = aggregate.Results(config={}, core_fraction=0.05, seeds=(0, 1), tasks=TASKS,
                                 chance=CHANCE, normalization="", methods=methods)
     cell = sweep.Cell("p=0.05,tau=0.1", {"p": 0.05, "tau": 0.1}, tmp_path, config, results)
-    return cell, values
+    return cell, values, forget
 
 
 def _normalised_difference(values, a, b):
@@ -228,10 +270,24 @@ def _normalised_difference(values, a, b):
     return float(np.mean([norm(a, s) - norm(b, s) for s in (0, 1)]))
 
 
+def _drops(forget, method, seeds=(0, 1)):
+    """Float64 reference: per seed, the mean over A's examples of after A -> B minus after A."""
+    import numpy as np
+
+    out = []
+    for s in seeds:
+        v = forget[s, method]
+        a = next(iter(v["after_ab"]))
+        out.append(float(np.mean(v["after_ab"][a] - v["after_a"][a])))
+    return out
+
+
 def test_analyse_cell_compares_against_the_best_merge_and_reads_forgetting(tmp_path):
+    import numpy as np
+
     from cpift_jax.benchmark import regime_map
 
-    cell, values = _fabricated_cell(tmp_path)
+    cell, values, forget = _fabricated_cell(tmp_path)
     assert regime_map.best_merge(cell.results) == "merge_linear"
     rows = {r["comparison"]: r for r in regime_map.analyse_cell(cell, resamples=300)}
     assert list(rows) == list(regime_map.COMPARISONS)
@@ -245,26 +301,95 @@ def test_analyse_cell_compares_against_the_best_merge_and_reads_forgetting(tmp_p
         assert r["low"] <= r["estimate"] <= r["high"] and r["verdict"] == want
         assert r["resamples"] == 300
     drop = rows["forgetting_drop_full_sft"]
-    assert drop["estimate"] == pytest.approx(-0.4)
-    # two seeds: the replicates' means are x0, x1 or their mean, so the interval is [-0.5, -0.3]
+    assert drop["estimate"] == pytest.approx(np.mean(_drops(forget, "full_sft")), abs=1e-12)
+    # After A -> B is after A shifted by the seed's drop on every example: a draw of examples
+    # shared by both columns cancels, so the replicates' means are x0, x1 or their mean and the
+    # interval is [-0.5, -0.3]. A draw not paired across the columns would widen it.
     assert (drop["low"], drop["high"], drop["verdict"]) == (pytest.approx(-0.5),
                                                             pytest.approx(-0.3), "worse")
+    assert drop["resamples"] == 300 and drop["note"] == ""
     diff = rows["forgetting_cpift_minus_full_sft"]
-    assert diff["estimate"] == pytest.approx((-0.035) - (-0.4)) and diff["verdict"] == "better"
+    per_seed = np.subtract(_drops(forget, "cpift"), _drops(forget, "full_sft"))  # 0.25, 0.48
+    assert diff["estimate"] == pytest.approx(per_seed.mean(), abs=1e-12)
+    assert (diff["low"], diff["high"]) == (pytest.approx(per_seed.min()),
+                                           pytest.approx(per_seed.max()))
+    assert diff["verdict"] == "better"
+    # Per-example noise on top of the seed's drop: resampling the examples reaches past the
+    # seeds' own drops, which an interval over seeds only never does.
+    noisy, seeds_only = rows[f"forgetting_drop_{NOISY}"], _drops(forget, NOISY)
+    assert noisy["estimate"] == pytest.approx(np.mean(seeds_only), abs=1e-12)
+    assert noisy["low"] < min(seeds_only) and noisy["high"] > max(seeds_only)
+
+
+def test_one_seed_forgetting_intervals_resample_the_examples(tmp_path):
+    import numpy as np
+
+    from cpift_jax.benchmark import regime_map
+
+    cell, _, forget = _fabricated_cell(tmp_path, merges=())
+    cell.config.seeds = (0,)
+    rows = {r["comparison"]: r for r in regime_map.analyse_cell(cell, resamples=2000)}
+    shifted = rows["forgetting_drop_full_sft"]  # the same drop on every example: no spread
+    assert (shifted["estimate"], shifted["low"], shifted["high"]) == (
+        pytest.approx(-0.3, abs=1e-12),) * 3
+    assert shifted["verdict"] == "worse"
+    assert shifted["note"] == "one seed: interval over examples only"
+    noisy = rows[f"forgetting_drop_{NOISY}"]
+    v = forget[0, NOISY]
+    a = next(iter(v["after_ab"]))
+    per_example = v["after_ab"][a] - v["after_a"][a]
+    assert noisy["estimate"] == pytest.approx(per_example.mean(), abs=1e-12)
+    # Float64 reference: the 95% interval of a mean of n examples is about 2 x 1.96 x sd/sqrt(n)
+    # wide (normal approximation; 2000 replicates put about 3% of noise on the width).
+    width = 2 * 1.96 * per_example.std() / np.sqrt(per_example.size)
+    assert noisy["high"] - noisy["low"] == pytest.approx(width, rel=0.15)
+    assert (noisy["low"] + noisy["high"]) / 2 == pytest.approx(noisy["estimate"], abs=0.1 * width)
 
 
 def test_analyse_cell_without_merges_or_second_seed_says_why(tmp_path):
     from cpift_jax.benchmark import regime_map
 
-    cell, _ = _fabricated_cell(tmp_path, merges=())
+    cell, _, _ = _fabricated_cell(tmp_path, merges=())
     cell.config.seeds = (0,)
     rows = {r["comparison"]: r for r in regime_map.analyse_cell(cell, resamples=50)}
     for name in ("cpift_minus_best_merge", "best_merge_minus_experts"):
         assert rows[name]["verdict"] == "not run"
         assert "no applicable merge-only operator" in rows[name]["note"]
     assert rows["cpift_minus_multitask_sft"]["verdict"] != "not run"
-    one = rows["forgetting_drop_full_sft"]  # one seed: the estimate, no interval
+    off, _, _ = _fabricated_cell(tmp_path / "off", merges=())
+    off.config.forgetting.enabled = False  # before its workdir records the config
+    rows = {r["comparison"]: r for r in regime_map.analyse_cell(off, resamples=50)}
+    for name in regime_map.COMPARISONS:
+        if name.startswith("forgetting_"):
+            assert (rows[name]["verdict"], rows[name]["note"]) == (
+                "not run", "forgetting not enabled in this cell")
+
+
+def test_forgetting_without_per_example_values_falls_back_to_seeds(tmp_path):
+    import numpy as np
+
+    from cpift_jax.benchmark import regime_map
+
+    cell, _, forget = _fabricated_cell(tmp_path, forgetting_examples=False)
+    rows = {r["comparison"]: r for r in regime_map.analyse_cell(cell, resamples=300)}
+    drop = rows["forgetting_drop_full_sft"]  # from the stored drops: -0.3 and -0.5
+    assert drop["estimate"] == pytest.approx(-0.4)
+    assert (drop["low"], drop["high"], drop["verdict"]) == (pytest.approx(-0.5),
+                                                            pytest.approx(-0.3), "worse")
+    assert drop["note"] == "interval over 2 seeds only (no per-example forgetting scores)"
+    noisy, seeds_only = rows[f"forgetting_drop_{NOISY}"], _drops(forget, NOISY)
+    assert (noisy["low"], noisy["high"]) == (pytest.approx(min(seeds_only)),
+                                             pytest.approx(max(seeds_only)))
+    diff = rows["forgetting_cpift_minus_full_sft"]
+    per_seed = np.subtract(_drops(forget, "cpift"), _drops(forget, "full_sft"))
+    assert diff["estimate"] == pytest.approx(per_seed.mean()) and diff["verdict"] == "better"
+
+    one_seed, _, _ = _fabricated_cell(tmp_path / "one", forgetting_examples=False)
+    one_seed.config.seeds = (0,)  # one seed and no examples: the estimates, no interval
+    rows = {r["comparison"]: r for r in regime_map.analyse_cell(one_seed, resamples=50)}
+    one = rows["forgetting_drop_full_sft"]
     assert one["estimate"] == pytest.approx(-0.3) and one["verdict"] == "undefined"
+    assert one["note"] == "one seed: no interval"
 
 
 def _row(cell, knobs, comparison, estimate, low, high, a="cpift", b="multitask_sft"):
@@ -356,7 +481,10 @@ def test_binary_runs_a_2x2_grid_on_the_smoke_config(tmp_path):
         r = by[name, "cpift_minus_best_merge"]
         assert r["b"] in ("merge_linear", "merge_task_arithmetic")
         assert r["verdict"] in ("better", "worse", "not distinguishable", "undefined")
-        assert by[name, "forgetting_drop_cpift"]["verdict"] == "undefined"  # one seed
+        drop = by[name, "forgetting_drop_cpift"]  # one seed: an interval over examples
+        assert drop["note"] == "one seed: interval over examples only"
+        assert drop["low"] is not None and drop["verdict"] in ("better", "worse",
+                                                               "not distinguishable")
     for comparison in ("cpift_minus_multitask_sft", "cpift_minus_best_merge",
                        "best_merge_minus_experts", "forgetting_cpift_minus_full_sft"):
         assert (root / "plots" / f"{comparison}.png").stat().st_size > 0

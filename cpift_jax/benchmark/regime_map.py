@@ -17,19 +17,26 @@ a two-level bootstrap interval over seeds and held-out examples (``comparisons.c
 * ``best_merge_minus_experts``: that operator minus the single-task experts (does merging alone
   keep the experts' skills?)
 
-and, from the forgetting pair A -> B (``cpift_jax.benchmark.forgetting``), whose stage stores
-scores but no per-example values, so the interval is over seeds only (none with one seed):
+and, from the forgetting pair A -> B (``cpift_jax.benchmark.forgetting``), paired differences
+of mean per-example scores on A's held-out examples with the same two-level bootstrap over seeds
+and examples (``comparisons.forgetting_intervals``; with one seed, over examples only; all of a
+cell's forgetting rows share one draw of seeds and examples):
 
 * ``forgetting_drop_<method>``: the drop on A, acc_A(after A -> B) - acc_A(after A), per method
   (negative = forgotten; verdict ``worse`` = a drop that excludes zero)
 * ``forgetting_cpift_minus_full_sft``: CPI-FT's drop minus full SFT's (positive = CPI-FT
   forgets less)
 
+A forgetting stage written without per-example values (an older cpift_jax) gives the same rows
+from its stored drops, bootstrapped over seeds only (no interval with one seed: ``undefined``);
+the row's ``note`` says so.
+
 Verdicts: ``better`` (the interval is above 0), ``worse`` (below 0), ``not distinguishable``,
-``undefined`` (no interval: one seed, or an expert at chance), ``not run`` (the cell lacks a
-method; its ``note`` says which). Heat maps: knob 1 on x, knob 2 on y (one row for a one-knob
-sweep), colour = estimate on a diverging scale centred on 0 (blue: a > b, red: a < b), the
-estimate written in each cell and ``*`` where the interval excludes zero.
+``undefined`` (no interval: one seed and no per-example forgetting values, or an expert at
+chance), ``not run`` (the cell lacks a method; its ``note`` says which). Heat maps: knob 1 on x,
+knob 2 on y (one row for a one-knob sweep), colour = estimate on a diverging scale centred on 0
+(blue: a > b, red: a < b), the estimate written in each cell and ``*`` where the interval
+excludes zero.
 """
 
 from __future__ import annotations
@@ -83,7 +90,8 @@ def _row(cell, comparison: str, a: str, b: str | None, interval: statistics.Inte
 
 
 def _forgetting_rows(cell, wd, *, resamples, confidence, seed) -> list[dict]:
-    """Drops on A per method and CPI-FT minus full SFT, bootstrapped over seeds."""
+    """Drops on A per method and CPI-FT minus full SFT: over seeds and examples from the stored
+    per-example values, else (an older stage) over seeds only from the stored drops."""
     keys = list(forgetting_lib.LABELS)
     names = [f"forgetting_drop_{k}" for k in keys] + ["forgetting_cpift_minus_full_sft"]
     labels = [(f"forgetting:{k}", None) for k in keys] + [("forgetting:cpift",
@@ -92,24 +100,66 @@ def _forgetting_rows(cell, wd, *, resamples, confidence, seed) -> list[dict]:
         return [_row(cell, n, a, b, None, "forgetting not enabled in this cell")
                 for n, (a, b) in zip(names, labels)]
     seeds = [int(s) for s in cell.config.seeds]
-    drops = np.array([[wd.result(f"seed{s}/forgetting")[k]["drop_a"] for k in keys]
-                      for s in seeds], np.float64)
+    results = {s: wd.result(f"seed{s}/forgetting") for s in seeds}
+    bootstrap = dict(resamples=resamples, confidence=confidence, seed=seed)
+    if all(results[s].get(k, {}).get("per_example") for s in seeds for k in keys):
+        intervals = _forgetting_per_example(wd, results, tuple(cell.config.forgetting.pair),
+                                            keys, names, **bootstrap)
+        note = "one seed: interval over examples only" if len(seeds) < 2 else ""
+    else:
+        intervals, note = _forgetting_per_seed(results, keys, names, **bootstrap)
+    return [_row(cell, n, a, b, intervals[n], note) for n, (a, b) in zip(names, labels)]
+
+
+def _forgetting_per_example(wd, results, pair, keys, names, *, resamples, confidence,
+                            seed) -> dict[str, statistics.Interval]:
+    """``names`` -> interval, over seeds and A's examples. The difference of drops is paired
+    too: both methods are scored on the same examples of A, and its replicates draw the same
+    seeds and examples as ``forgetting_intervals``' (same generator seed and shapes)."""
+    seeds, task = list(results), pair[0]
+    found = comparisons.forgetting_intervals(wd, seeds, pair, keys, resamples=resamples,
+                                             confidence=confidence, seed=seed)
+    out = {f"forgetting_drop_{k}": found[k]["drop_a"] for k in keys}
+    columns = [(k, when) for k in ("cpift", "full_sft") for when in ("after_ab", "after_a")]
+    rows = []
+    for s, result in results.items():
+        values = [np.asarray(result[k]["per_example"][when][task], np.float64)
+                  for k, when in columns]
+        if len({v.size for v in values}) != 1:
+            raise ValueError(f"stage seed{s}/forgetting: per-example values of task {task!r} "
+                             f"have counts {[v.size for v in values]} for {columns}; expected "
+                             "the same examples for every method")
+        rows.append(np.stack(values, axis=1))
+    if len({r.shape for r in rows}) != 1:
+        raise ValueError(f"stage seed<s>/forgetting: task {task!r} has different example counts "
+                         f"across seeds {[r.shape[0] for r in rows]}")
+
+    def cpift_minus_full_sft(means):  # [..., seeds, 4] -> mean over seeds of drop_c - drop_f
+        m = means[task]
+        return ((m[..., 0] - m[..., 1]) - (m[..., 2] - m[..., 3])).mean(axis=-1)
+
+    out[names[-1]] = statistics.bootstrap({task: np.stack(rows)}, cpift_minus_full_sft,
+                                          resamples=resamples, confidence=confidence, seed=seed)
+    return out
+
+
+def _forgetting_per_seed(results, keys, names, *, resamples, confidence,
+                         seed) -> tuple[dict[str, statistics.Interval], str]:
+    """``(names -> interval, note)`` from the stored drops alone, bootstrapped over seeds."""
+    seeds = list(results)
+    drops = np.array([[results[s][k]["drop_a"] for k in keys] for s in seeds], np.float64)
     samples = {"drop": drops[:, None, :]}  # [seeds, 1 "example", methods]
     i, j = keys.index("cpift"), keys.index("full_sft")
     # Statistics take [..., seeds, methods] means (leading axes: bootstrap replicates).
     statistics_ = [(lambda means, m=m: means["drop"][..., m].mean(axis=-1))
                    for m in range(len(keys))] + [statistics.difference_of_means(i, j)]
     if len(seeds) < 2:  # one seed: the estimates, but no interval to read a verdict from
-        intervals = {n: statistics.Interval(float(fn({"drop": drops})), math.nan, math.nan,
-                                            confidence, resamples)
-                     for n, fn in zip(names, statistics_)}
-        note = "one seed: no interval"
-    else:
-        intervals = statistics.bootstrap_many(samples, dict(zip(names, statistics_)),
-                                              resamples=resamples, confidence=confidence,
-                                              seed=seed)
-        note = f"interval over {len(seeds)} seeds only (no per-example forgetting scores)"
-    return [_row(cell, n, a, b, intervals[n], note) for n, (a, b) in zip(names, labels)]
+        return {n: statistics.Interval(float(fn({"drop": drops})), math.nan, math.nan,
+                                       confidence, resamples)
+                for n, fn in zip(names, statistics_)}, "one seed: no interval"
+    intervals = statistics.bootstrap_many(samples, dict(zip(names, statistics_)),
+                                          resamples=resamples, confidence=confidence, seed=seed)
+    return intervals, f"interval over {len(seeds)} seeds only (no per-example forgetting scores)"
 
 
 def analyse_cell(cell, *, resamples: int = 2000, confidence: float = 0.95,
