@@ -56,6 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.batch_size = 16
     c.train.steps_per_task = 300
     c.train.optimizer.learning_rate = 2e-5
+    c.train.lr_reference_width = 0  # a pretrained checkpoint: the rate above as it is
     c.train.optimizer.warmup_steps = 10
     c.train.optimizer.schedule = "cosine"
     c.train.step.scan_layers = True  # 30 layers compile as one

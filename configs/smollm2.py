@@ -31,6 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.batch_size = 4
     c.train.steps_per_task = 2
     c.train.optimizer.learning_rate = 1e-5
+    c.train.lr_reference_width = 0  # a pretrained checkpoint: the rate above as it is
     c.train.optimizer.warmup_steps = 0
     c.cpift.steps_per_task = 1
     c.forgetting.steps = 1
