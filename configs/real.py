@@ -21,9 +21,11 @@ Conversations are rendered with the model's chat template, the loss on every ass
 and packed into 512-token rows with document boundaries. Normalised scores use the base model as
 the floor (``cpift_jax.benchmark.tasks``). Results go to ``<workdir>/results.md``.
 
-Expected cost: the default (2 seeds, 300 steps x 16 packed rows per expert) runs 15,600
-optimizer steps in all; docs/results.md gives the CPU time per step measured here, from which
-one GPU's time follows. ``:smoke`` (one seed, one step per stage, two test examples per task) runs
+Expected cost: the default (2 seeds, 300 steps x 16 packed rows per expert) runs 12,600
+optimizer steps of 16 x 512 tokens in all (``python -m experiments.step_time
+--config=configs/real.py`` counts them and times the step on the machine at hand): about 74 s per
+step on a 2-core CPU, about 1-2 hours of training on one A100-class GPU (an estimate from the
+step's FLOPs, docs/results.md "Real tasks"). ``:smoke`` (one seed, one step per stage, two test examples per task) runs
 end to end on a 2-core CPU in about 4 minutes; its scores mean nothing.
 """
 

@@ -74,15 +74,20 @@ def abstract_frozen(model_config):
                         abstract_params(model_config))
 
 
-def plan_step(model_config, optimizer_config, mesh, batch_shape, step_config) -> Plan:
-    """The train step's per-device bytes (module docstring) with an element-wise freeze mask."""
+def plan_step(model_config, optimizer_config, mesh, batch_shape, step_config, *,
+              packed: bool = False) -> Plan:
+    """The train step's per-device bytes (module docstring) with an element-wise freeze mask;
+    ``packed``: the step of packed rows (``segment_ids`` and ``positions`` in every batch and
+    segment-masked attention), as the configs with ``data.pack`` train."""
 
     pattern = optim.freeze_pattern(abstract_frozen(model_config))
     compiled = step_lib.train_step(model_config, optimizer_config, mesh, batch_shape,
-                                   step_config, pattern)
+                                   step_config, pattern, packed=packed)
     state = compiled.layout.abstract
+    keys = [("tokens", jnp.int32), ("loss_mask", jnp.bool_)]
+    keys += [(k, jnp.int32) for k in step_lib.PACKED_KEYS] if packed else []
     batch = {k: jax.ShapeDtypeStruct(batch_shape, d, sharding=compiled.batch_shardings[k])
-             for k, d in (("tokens", jnp.int32), ("loss_mask", jnp.bool_))}
+             for k, d in keys}
     start = time.perf_counter()
     executable = compiled.step.lower(state, batch).compile()
     seconds = time.perf_counter() - start

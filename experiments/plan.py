@@ -61,8 +61,9 @@ def main(argv):
           f"({DEVICE_MEMORY_GIB[kind]} GiB), mesh {dict(mesh.shape)}, batch {batch[0]} x "
           f"{c.data.seq_len} tokens, {step_config}")
     if "step" in _PARTS.value:
-        print(format_plan(plan_step(model, c.train.optimizer, mesh, batch, step_config),
-                          device_bytes, _HEADROOM.value), flush=True)
+        planned = plan_step(model, c.train.optimizer, mesh, batch, step_config,
+                            packed=bool(c.data.get("pack", False)))
+        print(format_plan(planned, device_bytes, _HEADROOM.value), flush=True)
     if "masks" in _PARTS.value:
         print(format_plan(plan_masks(model, mesh), device_bytes, _HEADROOM.value), flush=True)
     if "fusion" in _PARTS.value:

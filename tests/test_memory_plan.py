@@ -76,3 +76,15 @@ def test_too_large_batch_does_not_fit_a_small_device():
     assert not plan.fits(large, budget, headroom=1.0)
     assert "DOES NOT FIT" in plan.format_plan(large, budget, 1.0)
     assert ": fits" in plan.format_plan(small, budget, 1.0)
+
+
+@pytest.mark.slow  # one more step compile
+def test_packed_step_plans_the_document_arrays_too():
+    """Packed rows carry segment ids and positions (int32 each) besides the tokens (int32) and
+    the loss mask (bool): 13 bytes per token slot instead of 5, spread like the batch."""
+    mesh, opt = _mesh(), optim.default_config()
+    plain = plan.plan_step(TINY, opt, mesh, (16, 32), STEP)
+    packed = plan.plan_step(TINY, opt, mesh, (16, 32), STEP, packed=True)
+    assert packed.parts["batch"] * 5 == plain.parts["batch"] * 13
+    assert packed.parts["params"] == plain.parts["params"]
+    assert packed.argument - plain.argument == packed.parts["batch"] - plain.parts["batch"]

@@ -151,6 +151,8 @@ def test_budgets_equal_compute_and_equal_steps(monkeypatch, tmp_path):
     assert sum(steps for _, steps, _ in cpift) == n * c
     assert not cpift[0][2] and all(fr for _, _, fr in cpift[1:])  # stage 1 frees nothing
     assert pipeline.budgets(config)["multitask_sft"].startswith(f"{n * s} steps")
+    # The step count that experiments/step_time.py multiplies is every call's steps.
+    assert sum(config_checks.optimizer_steps(config).values()) == sum(call[2] for call in calls)
 
 
 def test_stage_weights_replay_and_heuristic_groups():

@@ -16,7 +16,7 @@ from cpift_jax.benchmark import tasks as tasks_lib
 from cpift_jax.data import suite as suite_lib
 
 __all__ = ["MAIN_METHODS", "LABELS", "BACKBONES", "check_config", "learning_rate", "budgets",
-           "ablation_variants"]
+           "optimizer_steps", "ablation_variants"]
 
 MAIN_METHODS = ("single_task", "multitask_sft", "multitask_sft_equal_steps", "multistage_random",
                 "multistage_heuristic", "fused_only", "cpift")
@@ -157,6 +157,29 @@ def budgets(config) -> dict[str, str]:
         "fused_only": f"probes {n} x {s} steps; no SFT after fusion",
         "cpift": f"probes {n} x {s} + pipeline {n * c} steps x {b} seqs",
     }
+
+
+def optimizer_steps(config) -> dict[str, int]:
+    """Optimizer steps of one seed's main methods and forgetting pair, by stage (the budgets of
+    ``cpift_jax.benchmark.methods``; ``n`` tasks, ``S`` / ``C`` / ``F`` = ``train`` /
+    ``cpift`` / ``forgetting`` ``steps_per_task`` / ``steps``): experts, full SFT at equal compute,
+    and each multi-stage order ``n S``; equal steps ``S``; CPI-FT's pipeline ``n C``; forgetting
+    ``4 F`` (full SFT's and multi-stage's B legs, CPI-FT's two legs); half-budget probes ``n S / 2``
+    with ``analysis.core_stability``. Stages a config leaves out count 0; ablations and merge-only
+    are not counted."""
+    n, s = len(tasks_lib.names(config)), int(config.train.steps_per_task)
+    want = set(config.methods)
+    per_stage = {
+        "experts": n * s,
+        "multitask_sft": n * s if "multitask_sft" in want else 0,
+        "multitask_sft_equal_steps": s if "multitask_sft_equal_steps" in want else 0,
+        "multistage_random": n * s if "multistage_random" in want else 0,
+        "multistage_heuristic": n * s if "multistage_heuristic" in want else 0,
+        "cpift": n * int(config.cpift.steps_per_task) if "cpift" in want else 0,
+        "forgetting": 4 * int(config.forgetting.steps) if config.forgetting.enabled else 0,
+        "half_probes": n * max(1, s // 2) if config.analysis.get("core_stability", False) else 0,
+    }
+    return per_stage
 
 
 def ablation_variants(config) -> dict[str, tuple[str, dict]]:

@@ -131,13 +131,15 @@ def stage_weights(ctx: Context, current: Sequence[str], earlier: Sequence[str],
 
 
 def train_on(ctx: Context, params: Pytree, weights: Mapping[str, float], steps: int, *,
-             frozen: Pytree | None = None, stream: int = 0, name: str = "train") -> Pytree:
+             frozen: Pytree | None = None, stream: int = 0, name: str = "train",
+             log_every: int = 25) -> Pytree:
     """``steps`` AdamW steps on a mixture of tasks (``weights``); ``stream`` picks an independent
     batch order so two calls of one seed do not see the same rows in the same order.
 
     With ``ctx.checkpoint_every`` and a stage directory, the run checkpoints its train state and
     data position under ``<stage_dir>/train_state/<name>`` and, rerun after an interruption,
-    resumes there (``train_lib.train``); ``name`` must be unique within a stage."""
+    resumes there (``train_lib.train``); ``name`` must be unique within a stage. With a stage
+    directory, ``<stage_dir>/<name>.jsonl`` gets a metrics record every ``log_every`` steps."""
     from cpift_jax.benchmark.workdir import RESUME_DIR  # workdir imports this module's users
 
     opt = ctx.optimizer.copy_and_resolve_references()
@@ -156,7 +158,8 @@ def train_on(ctx: Context, params: Pytree, weights: Mapping[str, float], steps: 
     resume = (stage_dir / RESUME_DIR / name
               if stage_dir is not None and ctx.checkpoint_every else None)
     out, _ = train_lib.train(ctx.model_config, params, opt, batches, steps=int(steps),
-                             frozen=frozen, metrics_path=metrics, progress=ctx.progress,
+                             frozen=frozen, metrics_path=metrics, log_every=log_every,
+                             progress=ctx.progress,
                              description=name, mesh=ctx.mesh, step_config=step_config,
                              checkpoint_dir=resume, checkpoint_every=ctx.checkpoint_every)
     return out

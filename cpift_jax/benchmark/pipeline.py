@@ -62,7 +62,8 @@ from cpift_jax.benchmark.config_checks import (LABELS, MAIN_METHODS,  # noqa: F4
 from cpift_jax.benchmark.workdir import Workdir
 from cpift_jax.training import step as step_lib
 
-__all__ = ["MAIN_METHODS", "LABELS", "check_config", "budgets", "ablation_variants", "run"]
+__all__ = ["MAIN_METHODS", "LABELS", "check_config", "budgets", "ablation_variants", "context",
+           "run"]
 
 # ------------------------------------------------------------------------------ model and data
 
@@ -441,6 +442,17 @@ def _floors(config, r: _Run) -> dict[str, float]:
         return tasks_lib.synthetic_floors(config)
     first = int(config.seeds[0])
     return dict(r.wd.result(f"seed{first}/experts")["base"])
+
+
+def context(config, workdir, seed: int) -> methods.Context:
+    """Seed ``seed``'s ``methods.Context`` as ``run`` builds it (the base stage is run or read
+    back in ``workdir``; data tokenized, the mesh and step options of ``config``), for tools that
+    time or inspect one method without running the stages (``experiments/step_time.py``)."""
+    check_config(config)
+    _enable_compile_cache(config.compile_cache)
+    r = _Run(config, workdir)
+    r.base()
+    return r.ctx(int(seed))
 
 
 def run(config, workdir) -> aggregate.Results:
