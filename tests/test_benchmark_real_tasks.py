@@ -4,6 +4,7 @@ Uses the datasets CI fetches (``python -m cpift_jax.data.fetch``, linked into th
 conftest) and the character-level ChatML tokenizer of test_data_chat, so every length is exact.
 """
 
+import os
 import subprocess
 import sys
 
@@ -164,8 +165,9 @@ def test_real_smoke_runs_end_to_end(tmp_path):
     from cpift_jax.models import smollm2
 
     assert smollm2.is_available(), "needs python -m cpift_jax.models.smollm2 --fetch"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as users
     subprocess.run([sys.executable, "-m", "experiments.cpift", "--config=configs/real.py:smoke",
-                    f"--workdir={tmp_path}"], check=True, timeout=900)
+                    f"--workdir={tmp_path}"], check=True, timeout=900, env=env)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["tasks"] == ["chat", "code", "logic", "math"]
     assert results["metrics"]["code"].startswith("2^-bits/byte")

@@ -1,5 +1,6 @@
 """experiments/step_time.py: times the smoke config's step and multiplies by its step count."""
 
+import os
 import re
 import subprocess
 import sys
@@ -15,10 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow  # a subprocess: pretrains the smoke base and compiles one step
 def test_prints_the_median_step_and_the_predicted_training_time(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as users
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.step_time", "--config=configs/toy.py:smoke",
          "--steps=4", f"--workdir={tmp_path / 'wd'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     median = float(re.search(r"steps 2-4: median ([0-9.]+) s/step", out).group(1))
