@@ -92,6 +92,7 @@ def test_load_splits_and_samples_real_datasets():
     assert all(readers.is_test(r, c.data.test_fraction) for r in seed0["math"].test)
 
 
+@pytest.mark.slow  # several seconds of compilation: kept out of the fast tier
 def test_load_cuts_long_conversations_and_says_when_nothing_fits():
     c = small_config(n_train=8, n_test=2, seq_len=2500)
     chat_task = real_tasks.load(c, TOK, 0)["chat"]
@@ -119,6 +120,7 @@ def test_train_arrays_supervise_only_assistant_tokens():
         assert tokens[mask].tolist() == TOK(answer, add_special_tokens=False)["input_ids"]
 
 
+@pytest.mark.slow  # several seconds of compilation: kept out of the fast tier
 def test_packed_train_arrays_hold_every_conversation_once():
     c = small_config(n_train=6, n_test=1, seq_len=1024)
     data = {"logic": real_tasks.load(c, TOK, 0)["logic"]}

@@ -155,6 +155,7 @@ def reference_core_values(backbone, tuned, cores, rule):
     rule=st.sampled_from(fusion.OVERLAP_RULES),
     granularity=st.sampled_from(["leaf", "row"]),
 )
+@pytest.mark.slow  # several seconds of compilation: kept out of the fast tier
 def test_matches_masked_slerp_and_transplant_reference(seed, n, rule, granularity):
     shapes = [(6, 5), (), (2, 3, 4)]
     backbone, tuned, cores = random_case(seed, shapes, n=n)

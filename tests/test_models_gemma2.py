@@ -133,6 +133,7 @@ def test_params_have_the_hf_names_and_every_leaf_has_a_sharding_rule():
         jax.sharding.PartitionSpec("tensor", "fsdp")
 
 
+@pytest.mark.slow  # several seconds of compilation: kept out of the fast tier
 def test_scanned_training_forward_equals_the_model_with_mixed_windows():
     config = _config()
     params = _random_params(config)

@@ -169,6 +169,7 @@ def test_unknown_model_type_lists_supported(tmp_path):
         hf.load(path)
 
 
+@pytest.mark.slow  # several seconds of compilation: kept out of the fast tier
 def test_missing_tensor_is_named(tmp_path):
     path = _saved("llama_tied", tmp_path)
     _rewrite_weights(path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))

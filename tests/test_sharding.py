@@ -325,6 +325,7 @@ def test_bool_masks_get_their_parameters_partition():
         params, RULES, mesh)
 
 
+@pytest.mark.slow  # several seconds of compilation: kept out of the fast tier
 @pytest.mark.parametrize("shape", [pytest.param((1, 4, 2), marks=pytest.mark.slow), (2, 2, 2)])
 def test_shard_places_every_leaf_with_its_computed_sharding(shape):
     mesh = sharding.make_mesh(mesh_config(shape))

@@ -84,6 +84,7 @@ def test_a_few_steps_reduce_the_loss_and_keep_caller_params():
     assert not np.array_equal(out["lm_head"]["kernel"], params["lm_head"]["kernel"])
 
 
+@pytest.mark.slow  # several seconds of compilation: kept out of the fast tier
 def test_frozen_entries_stay_bit_identical_and_runs_are_deterministic():
     params = models.init_params(CONFIG, 1)
     rng = np.random.default_rng(0)
@@ -101,6 +102,7 @@ def test_frozen_entries_stay_bit_identical_and_runs_are_deterministic():
     jax.tree.map(np.testing.assert_array_equal, runs[0], runs[1])
 
 
+@pytest.mark.slow  # several seconds of compilation: kept out of the fast tier
 def test_train_writes_jsonl_and_evaluates(tmp_path):
     calls = []
 
@@ -166,6 +168,7 @@ def test_evaluate_oracle_scores_one_and_wrong_scores_zero():
         evaluate.evaluate(CONFIG, params, TOK, {"logic": []})
 
 
+@pytest.mark.slow  # several seconds of compilation: kept out of the fast tier
 def test_evaluate_with_the_real_model_matches_predict():
     examples = {"logic": [Example("logic", "<logic>12", "ny", "12"),
                           Example("logic", "<logic>3", "y", "3"),

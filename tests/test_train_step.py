@@ -153,6 +153,7 @@ def test_schedule_in_state_equals_learning_rate_schedule():
         assert int(state.count) == 10
 
 
+@pytest.mark.slow  # several seconds of compilation: kept out of the fast tier
 def test_one_executable_serves_stages_of_any_length_rate_and_mask():
     step_lib.clear_cache()
     params = models.init_params(CONFIG, 0)
