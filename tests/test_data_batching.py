@@ -123,3 +123,19 @@ def test_random_access_batches_equal_the_streams_and_keep_rows_whole():
     uniform = list(itertools.islice(batching.batches(arrays["b"], 4, 1), 9))
     np.testing.assert_array_equal(batching.UniformBatches(arrays["b"], 4, 1).rows(8, 1, 3)["tokens"],
                                   uniform[8]["tokens"][1:3])
+
+
+def test_index_stream_read_from_many_threads_gives_the_sequential_positions():
+    """A loader's prefetch threads read one stream at once; every read must still be the
+    position's own epoch order (no thread may return the permutation another thread cached)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    expected = batching.IndexStream(7, seed=3)
+    positions = [(start, 5) for start in range(0, 7 * 300, 5)]
+    want = [expected.at(start, k) for start, k in positions]
+    shared = batching.IndexStream(7, seed=3)
+    for _ in range(3):
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda p: shared.at(*p), positions))
+        for w, g, p in zip(want, got, positions):
+            np.testing.assert_array_equal(g, w, err_msg=f"positions {p}")

@@ -89,13 +89,17 @@ class IndexStream:
             raise ValueError(f"cannot stream rows of an empty array (num_rows={num_rows})")
         self.num_rows, self.seed = num_rows, seed
         self._next = 0
-        self._epoch, self._order = -1, np.zeros(0, np.int64)
+        self._cached = (-1, np.zeros(0, np.int64))  # (epoch, its permutation)
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:  # streams are read forwards: one cached epoch suffices
-            self._epoch = epoch
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
-        return self._order
+        # Streams are read forwards, so one cached epoch suffices. A loader's prefetch threads
+        # read the same stream: the pair is replaced in one assignment and each call returns its
+        # own local, so a thread never gets another epoch's order.
+        cached_epoch, order = self._cached
+        if cached_epoch != epoch:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+            self._cached = (epoch, order)
+        return order
 
     def at(self, start: int, k: int) -> np.ndarray:
         """Stream positions ``start .. start + k - 1``."""
