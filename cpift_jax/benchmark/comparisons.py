@@ -166,44 +166,70 @@ def compare(wd, config, tasks: Sequence[str], floors: Mapping[str, float],
                    seed=seed).intervals
 
 
+def _forgetting_columns(results: Mapping, method: str, pair: Sequence[str]) -> dict:
+    """``{"drop_a": [seeds, examples, 2], "gain_b": ...}``: per seed, the paired per-example
+    values (after A -> B, reference) of ``method``; ValueError naming the stage when they are
+    missing or their counts differ."""
+    a, b = pair
+    columns = {"drop_a": [], "gain_b": []}
+    for s, result in results.items():
+        stage = f"seed{int(s)}/forgetting"
+        values = result.get(method, {}).get("per_example")
+        if not values:
+            raise ValueError(f"stage {stage}: method {method!r} has no per-example values; "
+                             "was it written by an older cpift_jax? Rerun that stage (delete "
+                             "its DONE.json) to record them")
+        try:
+            pairs = {"drop_a": (values["after_ab"][a], values["after_a"][a]),
+                     "gain_b": (values["after_ab"][b], values["base_b"])}
+        except KeyError as err:
+            raise ValueError(f"stage {stage}: per-example values of {method!r} lack "
+                             f"{err}") from None
+        for field, (x, y) in pairs.items():
+            if len(x) != len(y) or not x:
+                raise ValueError(f"stage {stage}: {method!r} {field} compares {len(x)} with "
+                                 f"{len(y)} per-example values; expected the same examples")
+            columns[field].append(np.stack([np.asarray(x, np.float64),
+                                            np.asarray(y, np.float64)], axis=1))
+    for field, stacked in columns.items():
+        if len({c.shape for c in stacked}) != 1:
+            raise ValueError(f"stage seed<s>/forgetting: {method!r} {field} has different "
+                             f"example counts across seeds {[c.shape[0] for c in stacked]}")
+    return {field: np.stack(stacked) for field, stacked in columns.items()}
+
+
+def _difference_of_drops(means):
+    """``[..., seeds, 4]`` means (after A -> B, after A of one method, then the other's) -> the
+    mean over seeds of the first method's drop minus the second's."""
+    (m,) = means.values()
+    return ((m[..., 0] - m[..., 1]) - (m[..., 2] - m[..., 3])).mean(axis=-1)
+
+
 def forgetting_intervals(wd, seeds: Sequence[int], pair: Sequence[str], methods: Sequence[str], *,
-                         resamples: int = 2000, confidence: float = 0.95,
-                         seed: int = 0) -> dict[str, dict[str, statistics.Interval]]:
+                         resamples: int = 2000, confidence: float = 0.95, seed: int = 0,
+                         difference: tuple[str, str] | None = None
+                         ) -> dict[str, dict[str, statistics.Interval]]:
     """method -> ``{"drop_a": Interval, "gain_b": Interval}`` from the stages
     ``seed<s>/forgetting`` of ``wd`` (module doc); ValueError naming the stage when a method's
-    per-example values are missing or their counts differ."""
+    per-example values are missing or their counts differ. With ``difference = (m1, m2)``, also
+    ``"<m1>_minus_<m2>": {"drop_a": Interval}``: m1's drop on A minus m2's, paired on A's
+    examples (the same draws of seeds and examples as the drops)."""
     a, b = pair
-    out = {}
     results = {s: wd.result(f"seed{int(s)}/forgetting") for s in seeds}
-    for method in methods:
-        columns = {"drop_a": [], "gain_b": []}
-        for s, result in results.items():
-            stage = f"seed{int(s)}/forgetting"
-            values = result.get(method, {}).get("per_example")
-            if not values:
-                raise ValueError(f"stage {stage}: method {method!r} has no per-example values; "
-                                 "was it written by an older cpift_jax? Rerun that stage (delete "
-                                 "its DONE.json) to record them")
-            try:
-                pairs = {"drop_a": (values["after_ab"][a], values["after_a"][a]),
-                         "gain_b": (values["after_ab"][b], values["base_b"])}
-            except KeyError as err:
-                raise ValueError(f"stage {stage}: per-example values of {method!r} lack "
-                                 f"{err}") from None
-            for field, (x, y) in pairs.items():
-                if len(x) != len(y) or not x:
-                    raise ValueError(f"stage {stage}: {method!r} {field} compares {len(x)} with "
-                                     f"{len(y)} per-example values; expected the same examples")
-                columns[field].append(np.stack([np.asarray(x, np.float64),
-                                                np.asarray(y, np.float64)], axis=1))
-        out[method] = {}
-        for field, task in (("drop_a", a), ("gain_b", b)):
-            if len({c.shape for c in columns[field]}) != 1:
-                raise ValueError(f"stage seed<s>/forgetting: {method!r} {field} has different "
-                                 f"example counts across seeds "
-                                 f"{[c.shape[0] for c in columns[field]]}")
-            samples = {task: np.stack(columns[field])}
-            out[method][field] = statistics.bootstrap(
-                samples, statistics.difference_of_means(0, 1), resamples=resamples,
-                confidence=confidence, seed=seed)
+    wanted = list(methods) + [m for m in (difference or ()) if m not in methods]
+    columns = {m: _forgetting_columns(results, m, pair) for m in wanted}
+    bootstrap = dict(resamples=resamples, confidence=confidence, seed=seed)
+    out = {m: {field: statistics.bootstrap({task: columns[m][field]},
+                                           statistics.difference_of_means(0, 1), **bootstrap)
+               for field, task in (("drop_a", a), ("gain_b", b))}
+           for m in methods}
+    if difference is not None:
+        m1, m2 = difference
+        x, y = columns[m1]["drop_a"], columns[m2]["drop_a"]
+        if x.shape != y.shape:
+            raise ValueError(f"stage seed<s>/forgetting: task {a!r} has {x.shape[:2]} "
+                             f"(seeds, examples) for {m1!r} but {y.shape[:2]} for {m2!r}; "
+                             "expected the same examples for every method")
+        out[f"{m1}_minus_{m2}"] = {"drop_a": statistics.bootstrap(
+            {a: np.concatenate([x, y], axis=-1)}, _difference_of_drops, **bootstrap)}
     return out

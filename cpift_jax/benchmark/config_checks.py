@@ -144,42 +144,46 @@ def learning_rate(config) -> float:
     return lr * float(w0) / float(config.model.hidden_size)
 
 
+def _method_steps(config) -> dict[str, int]:
+    """Optimizer steps of each trained method, one seed (``methods`` docstring): ``n`` tasks,
+    ``S = train.steps_per_task``; experts, full SFT at equal compute and each multi-stage order
+    ``n S``, equal steps ``S``, CPI-FT's pipeline ``n * cpift.steps_per_task``."""
+    n, s = len(tasks_lib.names(config)), int(config.train.steps_per_task)
+    return {"single_task": n * s, "multitask_sft": n * s, "multitask_sft_equal_steps": s,
+            "multistage_random": n * s, "multistage_heuristic": n * s,
+            "cpift": n * int(config.cpift.steps_per_task)}
+
+
 def budgets(config) -> dict[str, str]:
     """Human-readable training budget of every method (``cpift_jax.benchmark.methods`` docstring)."""
     n, s, b = len(tasks_lib.names(config)), config.train.steps_per_task, config.train.batch_size
-    c = config.cpift.steps_per_task
+    steps, stages = _method_steps(config), f"over K={config.multistage.k} stages"
     return {
         "single_task": f"{n} x {s} steps x {b} seqs (one expert per task)",
-        "multitask_sft": f"{n * s} steps x {b} seqs, equal compute",
-        "multitask_sft_equal_steps": f"{s} steps x {b} seqs, equal steps",
-        "multistage_random": f"{n * s} steps x {b} seqs over K={config.multistage.k} stages",
-        "multistage_heuristic": f"{n * s} steps x {b} seqs over K={config.multistage.k} stages",
+        "multitask_sft": f"{steps['multitask_sft']} steps x {b} seqs, equal compute",
+        "multitask_sft_equal_steps": f"{steps['multitask_sft_equal_steps']} steps x {b} seqs, "
+                                     "equal steps",
+        "multistage_random": f"{steps['multistage_random']} steps x {b} seqs {stages}",
+        "multistage_heuristic": f"{steps['multistage_heuristic']} steps x {b} seqs {stages}",
         "fused_only": f"probes {n} x {s} steps; no SFT after fusion",
-        "cpift": f"probes {n} x {s} + pipeline {n * c} steps x {b} seqs",
+        "cpift": f"probes {n} x {s} + pipeline {steps['cpift']} steps x {b} seqs",
     }
 
 
 def optimizer_steps(config) -> dict[str, int]:
-    """Optimizer steps of one seed's main methods and forgetting pair, by stage (the budgets of
-    ``cpift_jax.benchmark.methods``; ``n`` tasks, ``S`` / ``C`` / ``F`` = ``train`` /
-    ``cpift`` / ``forgetting`` ``steps_per_task`` / ``steps``): experts, full SFT at equal compute,
-    and each multi-stage order ``n S``; equal steps ``S``; CPI-FT's pipeline ``n C``; forgetting
-    ``4 F`` (full SFT's and multi-stage's B legs, CPI-FT's two legs); half-budget probes ``n S / 2``
-    with ``analysis.core_stability``. Stages a config leaves out count 0; ablations and merge-only
-    are not counted."""
+    """Optimizer steps of one seed by stage: the experts, every other trained method in
+    ``config.methods`` (``_method_steps``; 0 when left out), the forgetting pair ``4 F``
+    (``F = forgetting.steps``: full SFT's and multi-stage's B legs, CPI-FT's two legs) and, with
+    ``analysis.core_stability``, the half-budget probes ``n max(1, S // 2)``. Ablations and
+    merge-only are not counted."""
     n, s = len(tasks_lib.names(config)), int(config.train.steps_per_task)
-    want = set(config.methods)
-    per_stage = {
-        "experts": n * s,
-        "multitask_sft": n * s if "multitask_sft" in want else 0,
-        "multitask_sft_equal_steps": s if "multitask_sft_equal_steps" in want else 0,
-        "multistage_random": n * s if "multistage_random" in want else 0,
-        "multistage_heuristic": n * s if "multistage_heuristic" in want else 0,
-        "cpift": n * int(config.cpift.steps_per_task) if "cpift" in want else 0,
+    steps, want = _method_steps(config), set(config.methods)
+    return {
+        "experts": steps["single_task"],
+        **{m: steps[m] if m in want else 0 for m in steps if m != "single_task"},
         "forgetting": 4 * int(config.forgetting.steps) if config.forgetting.enabled else 0,
         "half_probes": n * max(1, s // 2) if config.analysis.get("core_stability", False) else 0,
     }
-    return per_stage
 
 
 def ablation_variants(config) -> dict[str, tuple[str, dict]]:

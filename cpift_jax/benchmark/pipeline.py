@@ -444,25 +444,27 @@ def _floors(config, r: _Run) -> dict[str, float]:
     return dict(r.wd.result(f"seed{first}/experts")["base"])
 
 
-def context(config, workdir, seed: int) -> methods.Context:
-    """Seed ``seed``'s ``methods.Context`` as ``run`` builds it (the base stage is run or read
-    back in ``workdir``; data tokenized, the mesh and step options of ``config``), for tools that
-    time or inspect one method without running the stages (``experiments/step_time.py``)."""
+def _start(config, workdir) -> _Run:
+    """A checked run of ``config`` in ``workdir`` with its base stage run or read back."""
     check_config(config)
     _enable_compile_cache(config.compile_cache)
     r = _Run(config, workdir)
     r.base()
-    return r.ctx(int(seed))
+    return r
+
+
+def context(config, workdir, seed: int) -> methods.Context:
+    """Seed ``seed``'s ``methods.Context`` as ``run`` builds it (the base stage is run or read
+    back in ``workdir``; data tokenized, the mesh and step options of ``config``), for tools that
+    time or inspect one method without running the stages (``experiments/step_time.py``)."""
+    return _start(config, workdir).ctx(int(seed))
 
 
 def run(config, workdir) -> aggregate.Results:
     """Runs (or resumes) every stage and returns the ``aggregate.Results`` written to
     ``workdir/results.json``; ``cpift_jax.benchmark.report.write`` renders ``results.md`` and
     plots from it."""
-    check_config(config)
-    _enable_compile_cache(config.compile_cache)
-    r = _Run(config, workdir)
-    r.base()
+    r = _start(config, workdir)
     for seed in config.seeds:
         r.seed_stages(int(seed))
         r.forget(int(seed))

@@ -113,33 +113,13 @@ def _forgetting_rows(cell, wd, *, resamples, confidence, seed) -> list[dict]:
 
 def _forgetting_per_example(wd, results, pair, keys, names, *, resamples, confidence,
                             seed) -> dict[str, statistics.Interval]:
-    """``names`` -> interval, over seeds and A's examples. The difference of drops is paired
-    too: both methods are scored on the same examples of A, and its replicates draw the same
-    seeds and examples as ``forgetting_intervals``' (same generator seed and shapes)."""
-    seeds, task = list(results), pair[0]
-    found = comparisons.forgetting_intervals(wd, seeds, pair, keys, resamples=resamples,
-                                             confidence=confidence, seed=seed)
+    """``names`` -> interval, over seeds and A's examples (``comparisons.forgetting_intervals``,
+    the difference of drops paired on the same examples and draws)."""
+    found = comparisons.forgetting_intervals(wd, list(results), pair, keys, resamples=resamples,
+                                             confidence=confidence, seed=seed,
+                                             difference=("cpift", "full_sft"))
     out = {f"forgetting_drop_{k}": found[k]["drop_a"] for k in keys}
-    columns = [(k, when) for k in ("cpift", "full_sft") for when in ("after_ab", "after_a")]
-    rows = []
-    for s, result in results.items():
-        values = [np.asarray(result[k]["per_example"][when][task], np.float64)
-                  for k, when in columns]
-        if len({v.size for v in values}) != 1:
-            raise ValueError(f"stage seed{s}/forgetting: per-example values of task {task!r} "
-                             f"have counts {[v.size for v in values]} for {columns}; expected "
-                             "the same examples for every method")
-        rows.append(np.stack(values, axis=1))
-    if len({r.shape for r in rows}) != 1:
-        raise ValueError(f"stage seed<s>/forgetting: task {task!r} has different example counts "
-                         f"across seeds {[r.shape[0] for r in rows]}")
-
-    def cpift_minus_full_sft(means):  # [..., seeds, 4] -> mean over seeds of drop_c - drop_f
-        m = means[task]
-        return ((m[..., 0] - m[..., 1]) - (m[..., 2] - m[..., 3])).mean(axis=-1)
-
-    out[names[-1]] = statistics.bootstrap({task: np.stack(rows)}, cpift_minus_full_sft,
-                                          resamples=resamples, confidence=confidence, seed=seed)
+    out[names[-1]] = found["cpift_minus_full_sft"]["drop_a"]
     return out
 
 
